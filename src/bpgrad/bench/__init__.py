@@ -1,0 +1,1 @@
+"""The comparison harness: data sources, problems, optimizer registry, runner, analysis, report."""
