@@ -21,6 +21,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -71,6 +72,17 @@ class Problem(abc.ABC):
     has_accuracy: bool = True
     #: default size of the validation split carved from the training set
     validation_size: int = 5000
+    #: whether the training loop should drop the last incomplete batch of an epoch (DeepOBS does)
+    drop_last: bool = False
+    #: minibatch size for evaluation passes (no gradients, so larger than ``batch_size`` is fine)
+    eval_batch_size: int = 1000
+    #: one sentence on how the problem is evaluated (which splits, any augmentation, metrics)
+    evaluation: str = (
+        "after each epoch: mean loss and accuracy over the full train, valid and test splits, "
+        "in eval mode, without augmentation"
+    )
+    #: where the problem comes from (paper, code, DeepOBS) and any deliberate deviation
+    reference: str = ""
 
     @abc.abstractmethod
     def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
@@ -84,6 +96,22 @@ class Problem(abc.ABC):
     @abc.abstractmethod
     def make_model(self, seed: int) -> nn.Module:
         """Build the model with weights initialised deterministically from ``seed``."""
+
+    def metric_names(self) -> tuple[str, ...]:
+        """Names of the metrics the runner should report for this problem."""
+        base = ("train_loss", "valid_loss", "test_loss")
+        if self.has_accuracy:
+            return (*base, "train_accuracy", "valid_accuracy", "test_accuracy", "test_error")
+        return base
+
+    def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training-time augmentation of one minibatch (identity unless a problem overrides it).
+
+        The runner calls it on training batches only, with a generator it seeds, so runs stay
+        deterministic.
+        """
+        del generator
+        return inputs
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch (cross-entropy unless overridden)."""
@@ -103,10 +131,16 @@ class Problem(abc.ABC):
 
 _REGISTRY: dict[str, Callable[[], Problem]] = {}
 
+_F = TypeVar("_F", bound=Callable[[], Problem])
 
-def register_problem(factory: Callable[[], Problem]) -> Callable[[], Problem]:
-    """Register a problem class (or zero-argument factory) under its ``name``; usable as decorator."""
-    name = factory().name if not isinstance(factory, type) else factory.name
+
+def register_problem(factory: _F) -> _F:
+    """Register a problem class (or zero-argument factory) under its ``name``; usable as decorator.
+
+    Returns ``factory`` unchanged, so a decorated class keeps its type for type checkers.
+    """
+    # A class carries its name as a class attribute; a plain factory has to be called once.
+    name = str(getattr(factory, "name", "")) if isinstance(factory, type) else factory().name
     if not name:
         raise ValueError("a problem needs a non-empty `name` to be registered")
     if name in _REGISTRY:
