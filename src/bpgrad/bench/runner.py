@@ -1,0 +1,620 @@
+"""Run one trial: seed, train, evaluate every epoch, log, checkpoint, resume.
+
+:func:`run_trial` is the only entry point. It knows nothing about particular optimizers: the
+:class:`~bpgrad.bench.optimizers.OptimizerSpec` says whether ``step`` needs the loss or a closure,
+whether to call ``start_epoch()``, and whether to switch ``train()``/``eval()``.
+
+Costs kept off the hot path: per-step values (loss, and BPGrad's ``eta``/``grad_norm``) stay 0-dim
+tensors on the device and are copied to the host once every ``log_interval`` steps, which is also
+when divergence (a non-finite loss) is detected. Nothing else synchronises inside an epoch.
+
+Resume: after each epoch the result file is rewritten atomically and a checkpoint (model,
+optimizer, RNG states, counters) is saved atomically next to it. A rerun skips a trial whose file
+has a summary and continues an unfinished one from its checkpoint; because the data order of every
+epoch is a function of (seed, epoch) only, the resumed run reaches the same final state as an
+uninterrupted one, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import importlib.metadata
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpgrad.bench.optimizers import ResolvedOptimizer
+from bpgrad.bench.problems.base import Problem, Split, Splits
+from bpgrad.bench.results import (
+    SCHEMA_VERSION,
+    checkpoint_path,
+    read_records,
+    trial_path,
+    write_records,
+)
+
+#: header fields that must match for an existing result file to be resumed or skipped
+_FINGERPRINT_KEYS = ("problem", "optimizer", "seed", "budget", "data")
+
+
+class ResultMismatchError(RuntimeError):
+    """An existing result file was produced with a different configuration."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training a trial gets."""
+
+    epochs: int
+    #: train on at most this many minibatches per epoch (smoke runs); None = all
+    limit_train_batches: int | None = None
+    #: minibatch size; None = the problem's default
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.limit_train_batches is not None and self.limit_train_batches < 1:
+            raise ValueError(
+                f"limit_train_batches must be >= 1 (or None), got {self.limit_train_batches}"
+            )
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Execution settings that do not change what is computed (except ``device``)."""
+
+    device: str = "cpu"
+    #: torch intra-op threads; None leaves torch's setting alone
+    threads: int | None = None
+    quiet: bool = False
+    eval_batch_size: int = 1000
+    #: steps between host copies of the step series (and divergence checks)
+    log_interval: int = 50
+    #: seed of the train/valid split (the same for every trial so that selection is fair)
+    data_seed: int = 0
+    #: keep a resume checkpoint after each epoch
+    checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What happened to one trial."""
+
+    path: Path
+    #: ``finished`` or ``diverged``
+    status: str
+    #: True when the trial had already finished and was not run again
+    skipped: bool
+    #: True when it continued from a checkpoint
+    resumed: bool
+    summary: dict[str, Any]
+
+
+EpochCallback = Callable[[int], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and seeding
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the source tree bpgrad runs from, or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, host and hardware facts recorded with every trial."""
+    import bpgrad
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "bpgrad": bpgrad.__version__,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "git_commit": git_commit(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The training-set permutation of one epoch: a function of (seed, epoch) only.
+
+    Every optimizer sees the same data order for the same seed, and a resumed trial sees the
+    order it would have seen without the interruption.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def _rng_state() -> dict[str, Any]:
+    # Stored as tensors and plain numbers so the checkpoint loads with weights_only=True.
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
+    py_version, py_keys, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "python_version": int(py_version),
+        "python_keys": torch.tensor(py_keys, dtype=torch.int64),
+        "python_gauss": py_gauss,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((
+        "MT19937",
+        state["numpy_keys"].numpy().astype(np.uint32),
+        int(state["numpy_pos"]),
+        int(state["numpy_has_gauss"]),
+        float(state["numpy_gauss"]),
+    ))
+    random.setstate((
+        int(state["python_version"]),
+        tuple(int(k) for k in state["python_keys"].tolist()),
+        state["python_gauss"],
+    ))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(payload), tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    problem: Problem, model: nn.Module, split: Split, batch_size: int
+) -> dict[str, float | None]:
+    """Mean loss and accuracy of ``model`` over ``split`` (None for an empty split)."""
+    n = len(split)
+    if n == 0:
+        return {"loss": None, "accuracy": None}
+    was_training = model.training
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for start in range(0, n, batch_size):
+        x = split.inputs[start:start + batch_size]
+        y = split.targets[start:start + batch_size]
+        for key, value in problem.batch_metrics(model(x), y).items():
+            value = value.detach().to(torch.float64)
+            totals[key] = totals[key] + value if key in totals else value
+    model.train(was_training)
+    values = {k: float(v) for k, v in totals.items()}
+    count = values.get("count", float(n))
+    return {
+        "loss": values["loss_sum"] / count,
+        "accuracy": values["correct"] / count if problem.has_accuracy and "correct" in values
+        else None,
+    }
+
+
+def _split_to(split: Split, device: torch.device) -> Split:
+    if split.inputs.device == device and split.targets.device == device:
+        return split
+    return Split(split.inputs.to(device), split.targets.to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+
+
+def _fingerprint(header: Mapping[str, Any]) -> dict[str, Any]:
+    fp = {k: header.get(k) for k in _FINGERPRINT_KEYS}
+    if isinstance(fp["optimizer"], Mapping):
+        # The installed version may change between a kill and a resume; the settings may not.
+        fp["optimizer"] = {k: v for k, v in fp["optimizer"].items() if k != "version"}
+    return fp
+
+
+def _json_roundtrip(value: Any) -> Any:
+    import json
+
+    from bpgrad.bench.results import clean_json
+
+    return json.loads(json.dumps(clean_json(value)))
+
+
+def _check_same_config(existing: Mapping[str, Any], new: Mapping[str, Any], path: Path) -> None:
+    old_fp, new_fp = _fingerprint(existing), _json_roundtrip(_fingerprint(new))
+    if old_fp != new_fp:
+        diffs = [k for k in _FINGERPRINT_KEYS if old_fp.get(k) != new_fp.get(k)]
+        raise ResultMismatchError(
+            f"{path} was written with a different configuration (differs in: "
+            f"{', '.join(diffs)}); write to another --out folder or delete the old results"
+        )
+
+
+def run_trial(
+    problem: Problem,
+    optimizer: ResolvedOptimizer,
+    seed: int,
+    budget: Budget,
+    *,
+    out: Path,
+    splits: Splits | None = None,
+    data_dir: Path | None = None,
+    options: RunOptions | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+) -> TrialOutcome:
+    """Train ``optimizer`` on ``problem`` with ``seed`` for ``budget``; write the trial file.
+
+    ``splits`` (loaded with ``problem.load`` once per problem) saves reloading for every trial;
+    ``on_epoch_end(epoch)`` runs after an epoch's records and checkpoint are on disk (tests raise
+    from it to simulate a kill). Returns the outcome; a diverged trial is recorded and returned,
+    never raised.
+    """
+    opts = options or RunOptions()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use cpu")
+    optimizer.spec.check_available()
+    path = trial_path(Path(out), problem.name, optimizer.label, seed)
+    ckpt_path = checkpoint_path(path)
+
+    if splits is None:
+        splits = problem.load(data_dir=data_dir, seed=opts.data_seed)
+    train = _split_to(splits.train, device)
+    valid = _split_to(splits.valid, device)
+    test = _split_to(splits.test, device)
+    batch_size = budget.batch_size or problem.batch_size
+    n_train = len(train)
+    if n_train == 0:
+        raise ValueError(f"problem {problem.name!r} has an empty training split")
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    if budget.limit_train_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, budget.limit_train_batches)
+
+    header: dict[str, Any] = {
+        "kind": "config",
+        "schema_version": SCHEMA_VERSION,
+        "problem": {
+            "name": problem.name,
+            "description": problem.description,
+            "has_accuracy": problem.has_accuracy,
+        },
+        "optimizer": optimizer.describe(),
+        "seed": seed,
+        "budget": {
+            **asdict(budget),
+            "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "eval_batch_size": opts.eval_batch_size,
+        },
+        "data": {
+            "train_size": n_train,
+            "valid_size": len(valid),
+            "test_size": len(test),
+            "data_seed": opts.data_seed,
+        },
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "log_interval": opts.log_interval,
+        "environment": environment(str(device)),
+        "start_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra_config:
+        header["run"] = dict(extra_config)
+
+    existing = read_records(path) if path.exists() else []
+    if existing:
+        _check_same_config(existing[0], header, path)
+        if existing[-1].get("kind") == "summary":
+            done_summary = existing[-1]
+            return TrialOutcome(path, str(done_summary["status"]), True, False, dict(done_summary))
+
+    seed_everything(seed)
+    model = problem.make_model(seed).to(device)
+    opt = optimizer.build(model.parameters())
+    spec = optimizer.spec
+
+    records: list[dict[str, Any]] = [header]
+    first_epoch, step, wall_time, train_time, resumes = 1, 0, 0.0, 0.0, 0
+    resumed = False
+    if existing and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        done = int(ckpt["epoch"])
+        first_epoch, step = done + 1, int(ckpt["step"])
+        wall_time, train_time = float(ckpt["wall_time"]), float(ckpt["train_time"])
+        resumes = int(ckpt["resumes"]) + 1
+        resumed = True
+        # Keep the original header (its start time) and drop records of an epoch that ran past
+        # the checkpoint: that epoch is recomputed identically.
+        records = [existing[0]] + [
+            r for r in existing[1:] if r.get("kind") in ("steps", "epoch") and r["epoch"] <= done
+        ]
+
+    def epoch_metrics() -> dict[str, float | None]:
+        if spec.train_eval:
+            opt.eval()  # type: ignore[attr-defined]
+        v = evaluate(problem, model, valid, opts.eval_batch_size)
+        t = evaluate(problem, model, test, opts.eval_batch_size)
+        return {
+            "valid_loss": v["loss"], "valid_accuracy": v["accuracy"],
+            "test_loss": t["loss"], "test_accuracy": t["accuracy"],
+        }
+
+    if not resumed:
+        t0 = time.perf_counter()
+        metrics = epoch_metrics()
+        wall_time += time.perf_counter() - t0
+        records.append({
+            "kind": "epoch", "epoch": 0, "step": 0, "train_loss": None, "train_accuracy": None,
+            **metrics, "wall_time": wall_time, "train_time": 0.0,
+        })
+        write_records(path, records)
+
+    progress = _Progress(
+        total=budget.epochs * steps_per_epoch,
+        initial=(first_epoch - 1) * steps_per_epoch,
+        desc=f"{problem.name}/{optimizer.label} seed {seed}",
+        quiet=opts.quiet,
+    )
+    status, diverged_at = "finished", None
+    last_epoch = first_epoch - 1
+    try:
+        for epoch in range(first_epoch, budget.epochs + 1):
+            t_epoch = time.perf_counter()
+            if spec.epoch_hook:
+                opt.start_epoch()  # type: ignore[attr-defined]
+            if spec.train_eval:
+                opt.train()  # type: ignore[attr-defined]
+            model.train()
+            order = epoch_order(n_train, seed, epoch, device)
+            log = _StepLog(opt, opts.log_interval)
+            sums: dict[str, torch.Tensor] = {}
+            for b in range(steps_per_epoch):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                x, y = train.inputs[idx], train.targets[idx]
+                opt.zero_grad(set_to_none=True)
+                outputs = model(x)
+                loss = problem.loss(outputs, y)
+                loss.backward()
+                if spec.needs_loss:
+                    opt.step(loss=loss.detach())  # type: ignore[call-overload]
+                elif spec.needs_closure:
+                    value = float(loss.detach())  # ALI-G syncs for the value anyway
+                    opt.step(lambda value=value: value)  # type: ignore[misc]
+                else:
+                    opt.step()
+                step += 1
+                with torch.no_grad():
+                    for key, val in problem.batch_metrics(outputs.detach(), y).items():
+                        val = val.detach().to(torch.float64)
+                        sums[key] = sums[key] + val if key in sums else val
+                bad = log.record(step, loss.detach())
+                if bad is not None:
+                    status, diverged_at = "diverged", bad
+                    break
+                if log.just_flushed:
+                    progress.update(log.flushed_steps, loss=log.last_loss)
+            else:
+                bad = log.flush()
+                if bad is not None:
+                    status, diverged_at = "diverged", bad
+            progress.update(log.flushed_steps, loss=log.last_loss)
+            records.extend(log.records(epoch))
+            if status == "diverged":
+                train_time += time.perf_counter() - t_epoch
+                wall_time += time.perf_counter() - t_epoch
+                last_epoch = epoch
+                break
+            train_time += time.perf_counter() - t_epoch
+            count = float(sums["count"]) if "count" in sums else 0.0
+            train_loss = float(sums["loss_sum"]) / count if count else None
+            train_acc = (
+                float(sums["correct"]) / count
+                if count and problem.has_accuracy and "correct" in sums else None
+            )
+            metrics = epoch_metrics()
+            wall_time += time.perf_counter() - t_epoch
+            records.append({
+                "kind": "epoch", "epoch": epoch, "step": step,
+                "train_loss": train_loss, "train_accuracy": train_acc, **metrics,
+                "wall_time": wall_time, "train_time": train_time,
+            })
+            progress.epoch_done(epoch, train_loss, metrics)
+            last_epoch = epoch
+            write_records(path, records)
+            if opts.checkpoint and epoch < budget.epochs:
+                # Saved in eval mode for Schedule-Free (epoch_metrics switched it), which is the
+                # mode its authors require for checkpoints; train() is called again on resume.
+                _save_checkpoint(ckpt_path, {
+                    "epoch": epoch, "step": step, "wall_time": wall_time,
+                    "train_time": train_time, "resumes": resumes,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "rng": _rng_state(),
+                })
+            if train_loss is not None and not math.isfinite(train_loss):
+                # Non-finite metrics without a non-finite step loss (e.g. overflow in the sum).
+                status, diverged_at = "diverged", step
+                break
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    finally:
+        progress.close()
+
+    epoch_records = [r for r in records if r["kind"] == "epoch"]
+    final = {k: v for k, v in epoch_records[-1].items() if k not in ("kind",)}
+    summary: dict[str, Any] = {
+        "kind": "summary",
+        "status": status,
+        "epochs_completed": last_epoch if status == "finished" else last_epoch - 1,
+        "steps": step,
+        "final": final,
+        "wall_time": wall_time,
+        "train_time": train_time,
+        "diverged_at_step": diverged_at,
+        "resumes": resumes,
+        "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    records.append(summary)
+    write_records(path, records)
+    ckpt_path.unlink(missing_ok=True)
+    return TrialOutcome(path, status, False, resumed, summary)
+
+
+class _StepLog:
+    """Per-step loss (and optimizer stats) kept on the device, copied to the host in batches."""
+
+    def __init__(self, opt: torch.optim.Optimizer, interval: int) -> None:
+        self.opt = opt
+        self.interval = max(1, interval)
+        self.pending_steps: list[int] = []
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.host: dict[str, list[float]] = {"step": [], "loss": []}
+        self.flushed_steps = 0
+        self.just_flushed = False
+        self.last_loss: float | None = None
+
+    def record(self, step: int, loss: torch.Tensor) -> int | None:
+        """Queue this step's values; returns the first diverged step if a flush found one."""
+        self.pending_steps.append(step)
+        self.pending.setdefault("loss", []).append(loss)
+        stats = getattr(self.opt, "stats", None)
+        if isinstance(stats, Mapping):
+            for key in ("eta", "grad_norm"):
+                value = stats.get(key)
+                if isinstance(value, torch.Tensor):
+                    # clone: the optimizer may update its stats tensors in place next step
+                    self.pending.setdefault(key, []).append(value.detach().clone())
+        self.just_flushed = False
+        if len(self.pending_steps) >= self.interval:
+            return self.flush()
+        return None
+
+    def flush(self) -> int | None:
+        """Copy queued values to the host (one sync); returns the first non-finite loss step."""
+        self.flushed_steps = 0
+        if not self.pending_steps:
+            return None
+        n = len(self.pending_steps)
+        values = {k: torch.stack(v).double().cpu().tolist() for k, v in self.pending.items()}
+        self.host["step"].extend(self.pending_steps)
+        for key, vals in values.items():
+            if len(vals) != n:
+                continue  # a series that only some steps produced is dropped, not misaligned
+            self.host.setdefault(key, []).extend(vals)
+        bad = next(
+            (s for s, v in zip(self.pending_steps, values["loss"], strict=True) if not math.isfinite(v)), None
+        )
+        self.flushed_steps = n
+        self.last_loss = values["loss"][-1]
+        self.pending_steps, self.pending = [], {}
+        self.just_flushed = True
+        return bad
+
+    def records(self, epoch: int) -> list[dict[str, Any]]:
+        """The epoch's ``steps`` record (empty list if no step ran)."""
+        if not self.host["step"]:
+            return []
+        n = len(self.host["step"])
+        rec: dict[str, Any] = {"kind": "steps", "epoch": epoch}
+        rec.update({k: v for k, v in self.host.items() if len(v) == n})
+        return [rec]
+
+
+class _Progress:
+    """A tqdm bar with loss, accuracy and ETA; silent in quiet mode or without tqdm."""
+
+    def __init__(self, *, total: int, initial: int, desc: str, quiet: bool) -> None:
+        self.bar: Any = None
+        self.postfix: dict[str, str] = {}
+        if quiet:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ModuleNotFoundError:
+            print(f"{desc}: running (install tqdm for a progress bar)", file=sys.stderr)
+            return
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False,
+                        dynamic_ncols=True)
+
+    def update(self, n: int, *, loss: float | None) -> None:
+        if self.bar is None or n == 0:
+            return
+        if loss is not None:
+            self.postfix["loss"] = f"{loss:.4g}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(n)
+
+    def epoch_done(self, epoch: int, train_loss: float | None,
+                   metrics: Mapping[str, float | None]) -> None:
+        if self.bar is None:
+            return
+        acc = metrics.get("test_accuracy")
+        if acc is not None:
+            self.postfix["test_acc"] = f"{acc:.4f}"
+        self.postfix["epoch"] = str(epoch)
+        self.bar.set_postfix(self.postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
