@@ -16,7 +16,7 @@ import json
 import pickle
 import tarfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,9 +41,9 @@ from bpgrad.bench.data import (
     read_cifar10_dir,
     read_idx,
     safe_extract_tar,
+    sources,
 )
 from bpgrad.bench.data import cli as data_cli
-from bpgrad.bench.data import sources
 
 IDX_NAMES = (
     ("x_train", "train-images-idx3-ubyte"),
@@ -221,8 +221,9 @@ def test_truncated_archive_is_format_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- sources
 
 
-def fake_clients(arrays: dict[str, np.ndarray], calls: list[list[str]],
-                 data_dir: str = "usr/share/datasets/tiny"):  # noqa: ANN201
+def fake_clients(
+    arrays: dict[str, np.ndarray], calls: list[list[str]], data_dir: str = "usr/share/datasets/tiny"
+) -> Callable[[Sequence[str], Path], None]:
     def run(cmd: Sequence[str], cwd: Path) -> None:
         calls.append(list(cmd))
         if cmd[0] == "npm":

@@ -437,7 +437,9 @@ def cache_status(name: str | DatasetSpec, data_dir: str | Path | None = None) ->
     )
 
 
-def load_cached(name: str | DatasetSpec, data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+def load_cached(
+    name: str | DatasetSpec, data_dir: str | Path | None = None
+) -> dict[str, np.ndarray]:
     """Read and re-verify the cached arrays; raise :class:`DatasetNotCachedError` if absent."""
     spec = get_spec(name)
     folder = resolve_data_dir(data_dir)
@@ -522,7 +524,7 @@ def fetch(
 def load_arrays(
     name: str | DatasetSpec, *, data_dir: str | Path | None = None, download: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Verified arrays ``x_train, y_train, x_test, y_test`` of a data set (uint8 images, int labels).
+    """Verified arrays ``x_train, y_train, x_test, y_test`` (uint8 images, integer labels).
 
     Fetches into the cache first when missing and ``download`` is true.
     """

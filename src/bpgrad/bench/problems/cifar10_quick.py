@@ -35,7 +35,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 class _PadBottomRightPool(nn.Module):
-    """3×3 stride-2 pooling with MatConvNet's asymmetric padding [top bottom left right] = [0 1 0 1]."""
+    """3×3 stride-2 pooling with MatConvNet's asymmetric padding: [top bottom left right] =
+    [0 1 0 1]."""
 
     def __init__(self, mode: str) -> None:
         super().__init__()
