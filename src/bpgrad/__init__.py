@@ -3,6 +3,8 @@ minimizer, and a comparison harness."""
 
 from __future__ import annotations
 
+from bpgrad.optim import BPGrad, BPGradError, MissingLossError, bpgrad
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["BPGrad", "BPGradError", "MissingLossError", "__version__", "bpgrad"]

@@ -1,0 +1,98 @@
+"""A literal, loop-only transcription of the BPGrad update rule: the test oracle.
+
+It is deliberately naive: Python floats for every scalar (so it syncs with the host freely), one
+tensor at a time, the momentum buffer stored exactly as the pseudo-code's ``v``. The fast
+implementation in :mod:`bpgrad.optim.bpgrad` is tested against it; nothing else should use it.
+
+Per step t, with f_t the objective value::
+
+    m_t   = min(m_{t-1}, F_t)                           m_0 = +inf, never reset
+    n_t   = || concat of all raw gradients ||_2          one norm over every group
+    eta_t = lr * (F_t - rho * m_t) / lipschitz
+    d     = (grad + weight_decay * p) / n_t
+    matconvnet style:  v = momentum * v - d;        p = p + eta_t * v
+    port style:        v = momentum * v - eta_t d;  p = p + v
+
+where F_t is f_t (``objective="minibatch"``) or the mean of the f values since the last
+``start_epoch()`` (``objective="epoch_mean"``). A step whose loss or gradient norm is not finite,
+or whose gradient norm is zero, changes nothing but the skipped-step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class ReferenceBPGrad:
+    """Oracle implementation over plain lists of parameter groups (dicts with ``params``)."""
+
+    def __init__(self, param_groups: Iterable[dict], *, objective: str = "minibatch",
+                 loss_lower_bound: float = 0.0) -> None:
+        self.param_groups = [dict(g) for g in param_groups]
+        for g in self.param_groups:
+            g["params"] = list(g["params"])
+            g.setdefault("lr", 1.0)
+            g.setdefault("momentum_style", "matconvnet")
+        self.objective = objective
+        self.loss_lower_bound = loss_lower_bound
+        self.v: dict[int, torch.Tensor] = {}
+        self.running_min = math.inf
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
+        self.steps = 0
+        self.skipped = 0
+        self.last_eta: list[float] = []
+        self.last_norm = math.nan
+
+    def start_epoch(self) -> None:
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
+
+    @torch.no_grad()
+    def step(self, loss: float) -> None:
+        f = float(loss) - self.loss_lower_bound
+        if math.isfinite(f) and f < 0.0:
+            raise ValueError("negative loss")
+        squares = 0.0
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    squares += float((p.grad.double() ** 2).sum())
+        norm = math.sqrt(squares)
+        if not (math.isfinite(f) and math.isfinite(norm) and norm > 0.0):
+            self.skipped += 1
+            return
+        if self.objective == "epoch_mean":
+            self.epoch_sum += f
+            self.epoch_count += 1
+            big_f = self.epoch_sum / self.epoch_count
+        else:
+            big_f = f
+        self.running_min = min(self.running_min, big_f)
+        self.last_norm = norm
+        self.last_eta = []
+        for g in self.param_groups:
+            eta = g["lr"] * (big_f - g["rho"] * self.running_min) / g["lipschitz"]
+            self.last_eta.append(eta)
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = (p.grad + g["weight_decay"] * p) / norm
+                mu = g["momentum"]
+                if mu == 0.0:
+                    p.add_(d, alpha=-eta)
+                    continue
+                v = self.v.get(id(p))
+                if v is None:
+                    v = torch.zeros_like(p)
+                if g["momentum_style"] == "port":
+                    v = mu * v - eta * d
+                    p.add_(v)
+                else:
+                    v = mu * v - d
+                    p.add_(v, alpha=eta)
+                self.v[id(p)] = v
+        self.steps += 1
