@@ -67,7 +67,8 @@ class CompareConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     data_dir: Path | None = None
     validation_size: int | None = None
-    eval_batch_size: int = 1000
+    #: None: the problem's default
+    eval_batch_size: int | None = None
     log_interval: int = 50
     quiet: bool = False
     #: test accuracy (or loss, for problems without accuracy) that "steps to target" uses
@@ -100,7 +101,7 @@ class CompareConfig:
             args += ["--sweep", f"{key}=" + ",".join(format_value(v) for v in values)]
         for key, value in self.overrides.items():
             args += ["--set", f"{key}={_value_text(value)}"]
-        if self.eval_batch_size != 1000:
+        if self.eval_batch_size is not None:
             args += ["--eval-batch-size", str(self.eval_batch_size)]
         return shlex.join(args)
 
@@ -140,9 +141,10 @@ def parse_seeds(value: Any) -> list[int]:
     if isinstance(value, str):
         if "," not in value:
             try:
-                return parse_seeds(int(value))
+                count = int(value)
             except ValueError:
                 raise ConfigError(f"seeds: {value!r} is not an integer count") from None
+            return parse_seeds(count)
         value = parse_list(value)
     try:
         seeds = [int(v) for v in value]

@@ -84,7 +84,8 @@ class RunOptions:
     #: torch intra-op threads; None leaves torch's setting alone
     threads: int | None = None
     quiet: bool = False
-    eval_batch_size: int = 1000
+    #: None: the problem's ``eval_batch_size``
+    eval_batch_size: int | None = None
     #: steps between host copies of the step series (and divergence checks)
     log_interval: int = 50
     #: seed of the train/valid split (the same for every trial so that selection is fair)
@@ -325,7 +326,14 @@ def run_trial(
     n_train = len(train)
     if n_train == 0:
         raise ValueError(f"problem {problem.name!r} has an empty training split")
-    steps_per_epoch = math.ceil(n_train / batch_size)
+    # DeepOBS problems drop the last incomplete batch; the paper's nets keep it.
+    steps_per_epoch = n_train // batch_size if problem.drop_last else math.ceil(n_train / batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch size {batch_size} exceeds the {n_train} training examples with drop_last; "
+            "use a smaller --batch-size"
+        )
+    eval_batch_size = opts.eval_batch_size or problem.eval_batch_size
     if budget.limit_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, budget.limit_train_batches)
 
@@ -343,7 +351,8 @@ def run_trial(
             **asdict(budget),
             "batch_size": batch_size,
             "steps_per_epoch": steps_per_epoch,
-            "eval_batch_size": opts.eval_batch_size,
+            "eval_batch_size": eval_batch_size,
+            "drop_last": problem.drop_last,
         },
         "data": {
             "train_size": n_train,
@@ -394,8 +403,8 @@ def run_trial(
     def epoch_metrics() -> dict[str, float | None]:
         if spec.train_eval:
             opt.eval()  # type: ignore[attr-defined]
-        v = evaluate(problem, model, valid, opts.eval_batch_size)
-        t = evaluate(problem, model, test, opts.eval_batch_size)
+        v = evaluate(problem, model, valid, eval_batch_size)
+        t = evaluate(problem, model, test, eval_batch_size)
         return {
             "valid_loss": v["loss"], "valid_accuracy": v["accuracy"],
             "test_loss": t["loss"], "test_accuracy": t["accuracy"],
@@ -428,11 +437,13 @@ def run_trial(
                 opt.train()  # type: ignore[attr-defined]
             model.train()
             order = epoch_order(n_train, seed, epoch, device)
+            # Augmentation draws from its own generator, re-seeded per epoch like the data order.
+            aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777_777)
             log = _StepLog(opt, opts.log_interval)
             sums: dict[str, torch.Tensor] = {}
             for b in range(steps_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                x, y = train.inputs[idx], train.targets[idx]
+                x, y = problem.augment(train.inputs[idx], aug_gen), train.targets[idx]
                 opt.zero_grad(set_to_none=True)
                 outputs = model(x)
                 loss = problem.loss(outputs, y)

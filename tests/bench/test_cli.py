@@ -1,0 +1,110 @@
+"""``bpgrad compare`` / ``bpgrad report`` end to end on the synthetic problem (fast, offline)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpgrad.bench.results import find_trial_files, parse_trial
+from bpgrad.cli import main
+
+SMALL = ["--problem", "toy_blobs", "--epochs", "2", "--quiet"]
+
+
+def test_compare_runs_trials_prints_table_and_writes_report(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    rc = main(["compare", *SMALL, "--optimizers", "sgd,adam,adagrad,adadelta,rmsprop",
+               "--seeds", "2", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "final test acc (%)" in printed and "adagrad" in printed
+    assert len(find_trial_files(out)) == 10
+    report = (out / "report.md").read_text()
+    assert "bpgrad compare --problem toy_blobs" in report
+    assert "bpgrad report" in report
+    for stem in ("train_loss", "test_error"):
+        for ext in ("png", "svg"):
+            assert (out / "plots" / f"toy_blobs_{stem}.{ext}").stat().st_size > 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["config"]["seeds"] == [0, 1]
+
+    # A rerun skips everything and reproduces the same table.
+    before = {p: p.read_bytes() for p in find_trial_files(out)}
+    assert main(["compare", *SMALL, "--optimizers", "sgd,adam,adagrad,adadelta,rmsprop",
+                 "--seeds", "2", "--out", str(out)]) == 0
+    assert {p: p.read_bytes() for p in find_trial_files(out)} == before
+
+    (out / "report.md").unlink()
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert (out / "report.md").exists()
+
+
+def test_compare_from_toml_with_lr_grid_and_overrides(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        'problem = "toy_blobs"\n'
+        'optimizers = ["sgd", "adam"]\n'
+        "seeds = 1\n"
+        "epochs = 1\n"
+        f'out = "{out.as_posix()}"\n'
+        'lr_grid = "log:1e-3:1e-1:3"\n'
+        "quiet = true\n"
+        "[set]\n"
+        "weight_decay = 0.0\n"
+        '"sgd.momentum" = 0.5\n'
+    )
+    assert main(["compare", "--config", str(config)]) == 0
+    labels = sorted(p.name for p in (out / "toy_blobs").iterdir())
+    assert labels == ["adam@lr=0.001", "adam@lr=0.01", "adam@lr=0.1",
+                      "sgd@lr=0.001", "sgd@lr=0.01", "sgd@lr=0.1"]
+    trial = parse_trial(out / "toy_blobs" / "sgd@lr=0.01" / "seed_0.jsonl")
+    assert trial.config["optimizer"]["hyperparameters"] == {
+        "lr": 0.01, "momentum": 0.5, "weight_decay": 0.0}
+    assert trial.swept == {"lr": 0.01}
+    report = (out / "report.md").read_text()
+    assert "selection on the validation split" in report
+    assert "(selected)" in report
+    assert "bpgrad compare --config" in report
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizers", "nadamw"], "unknown optimizer 'nadamw'"),
+        (["--optimizers", "adam", "--set", "lipschitz=3"], "has a hyperparameter 'lipschitz'"),
+        (["--optimizers", "adam", "--set", "sgd.lr=3"], "not among"),
+        (["--optimizers", "adam", "--seeds", "0"], "seeds must be >= 1"),
+        (["--optimizers", "adam", "--lr-grid", "log:1:0.1:3"], "0 < LOW < HIGH"),
+    ],
+)
+def test_compare_reports_configuration_errors(tmp_path: Path, capsys, args: list[str],
+                                              message: str) -> None:
+    rc = main(["compare", *SMALL, "--out", str(tmp_path / "x"), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_problem_lists_known_ones(tmp_path: Path, capsys) -> None:
+    rc = main(["compare", "--problem", "nope", "--optimizers", "sgd",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "toy_blobs" in capsys.readouterr().err
+
+
+def test_missing_peer_package_names_the_extra(tmp_path: Path, capsys, monkeypatch) -> None:
+    # A None entry in sys.modules makes `import prodigyopt` raise ModuleNotFoundError.
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+    rc = main(["compare", *SMALL, "--optimizers", "prodigy", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "pip install 'bpgrad[peers]'" in capsys.readouterr().err
+
+
+def test_list_shows_problems_and_optimizers(capsys) -> None:
+    assert main(["compare", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "toy_blobs" in printed and "bpgrad" in printed and "rmsprop" in printed
