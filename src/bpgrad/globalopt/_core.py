@@ -1,0 +1,936 @@
+"""Algorithm 1 of BPGrad as a bounded global minimizer: branch along the gradient, prune balls.
+
+Everything here is NumPy only. The maths is in :func:`minimize`'s docstring and in
+``docs/globalopt.md``; comments below say why, not what.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from bpgrad.globalopt._bounds import parse_bounds
+from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult
+
+__all__ = ["KIND_NAMES", "minimize"]
+
+FloatArray = NDArray[np.float64]
+
+# Why each sample was taken (``res.history_kind`` holds these codes).
+GLOBAL, BRANCH, POLISH, FD = 0, 1, 2, 3
+KIND_NAMES: tuple[str, ...] = ("global", "branch", "polish", "fd")
+
+_LEAF, _SPLIT, _PRUNED, _RETIRED = 0, 1, 2, 3
+_K_TERMS = 4  # samples kept per cell to recompute its bound cheaply when L changes
+_L_GRID = 1.1  # estimated L is rounded up to a power of this, so the cell bounds rarely change
+
+
+class _Stop(Exception):
+    """Internal: unwinds the search with a status code."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _as_scalar(value: Any) -> float:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size != 1:
+        raise ValueError(
+            f"func must return a scalar, got an array of shape {arr.shape}. With jac=True it "
+            "must return (value, gradient)."
+        )
+    return float(arr.reshape(-1)[0])
+
+
+class _Samples:
+    """Evaluated points, values, gradients, and the Lipschitz bookkeeping over them."""
+
+    def __init__(self, d: int, lb: FloatArray, ub: FloatArray) -> None:
+        self.d = d
+        self.lb, self.ub = lb, ub
+        self.n = 0
+        cap = 256
+        self.X = np.empty((cap, d))
+        self.F = np.empty(cap)
+        self.Fb = np.empty(cap)  # F where finite, -inf elsewhere: a NaN sample bounds nothing
+        self.G = np.full((cap, d), np.nan)
+        self.kind = np.empty(cap, dtype=np.int8)
+        self.best = -1
+        self.f_best = math.inf
+        self.slope_max = 0.0
+        self.n_nonfinite = 0
+
+    def _grow(self) -> None:
+        cap = 2 * self.X.shape[0]
+        for name in ("X", "F", "Fb", "G", "kind"):
+            old = getattr(self, name)
+            new = (
+                np.full((cap, *old.shape[1:]), np.nan, dtype=old.dtype)
+                if name == "G"
+                else (np.empty((cap, *old.shape[1:]), dtype=old.dtype))
+            )
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+
+    def add(self, x: FloatArray, f: float, g: FloatArray | None, kind: int) -> int:
+        if self.n == self.X.shape[0]:
+            self._grow()
+        i = self.n
+        finite = math.isfinite(f)
+        if finite and self.n > 0:
+            # Largest observed slope |f_i - f_j| / ||x_i - x_j||: the data's lower bound on L.
+            diff = self.X[:i] - x
+            dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+            ok = np.isfinite(self.Fb[:i]) & (dist > 0)
+            if ok.any():
+                s = float(np.max(np.abs(self.F[:i][ok] - f) / dist[ok]))
+                self.slope_max = max(self.slope_max, s)
+        if g is not None and np.all(np.isfinite(g)):
+            self.G[i] = g
+            self.slope_max = max(self.slope_max, float(np.linalg.norm(g)))
+        self.X[i] = x
+        self.F[i] = f
+        self.Fb[i] = f if finite else -math.inf
+        self.kind[i] = kind
+        self.n += 1
+        if not finite:
+            self.n_nonfinite += 1
+        elif f < self.f_best:
+            self.f_best = f
+            self.best = i
+        return i
+
+    def lower_at(self, y: FloatArray, L: float) -> float:
+        """max_i f_i - L ||y - x_i||: y lies in a pruning ball iff this exceeds f̂*."""
+        if self.n == 0:
+            return -math.inf
+        diff = self.X[: self.n] - y
+        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        return float(np.max(self.Fb[: self.n] - L * dist))
+
+    def box_terms(
+        self, lo: FloatArray, hi: FloatArray, L: float
+    ) -> tuple[float, NDArray[np.int64]]:
+        """Lower bound of f over [lo, hi] from every sample, and the samples that give it.
+
+        f(x) >= f_i - L ||x - x_i|| >= f_i - L * far_i, far_i the distance from x_i to the
+        box's farthest corner; the bound is the max over i. Exact per sample, O(n d).
+        """
+        n = self.n
+        if n == 0:
+            return -math.inf, np.full(_K_TERMS, -1, dtype=np.int64)
+        X = self.X[:n]
+        far = np.maximum(np.abs(X - lo), np.abs(X - hi))
+        vals = self.Fb[:n] - L * np.sqrt(np.einsum("ij,ij->i", far, far))
+        if n <= _K_TERMS:
+            idx = np.arange(n, dtype=np.int64)
+        else:
+            idx = np.argpartition(vals, n - _K_TERMS)[n - _K_TERMS :].astype(np.int64)
+        terms = np.full(_K_TERMS, -1, dtype=np.int64)
+        terms[: idx.size] = idx
+        return float(np.max(vals)), terms
+
+
+class _Tree:
+    """The trisection partition of the box: cells, their lower bounds, a lazy min-heap."""
+
+    def __init__(self, d: int, rng: np.random.Generator) -> None:
+        cap = 256
+        self.d = d
+        self.n = 0
+        self.lo = np.empty((cap, d))
+        self.hi = np.empty((cap, d))
+        self.bound = np.full(cap, -math.inf)
+        self.terms = np.full((cap, _K_TERMS), -1, dtype=np.int64)
+        self.child = np.full(cap, -1, dtype=np.int64)
+        self.sdim = np.zeros(cap, dtype=np.int64)
+        self.state = np.zeros(cap, dtype=np.int8)
+        self.center = np.full(cap, -1, dtype=np.int64)
+        self.value = np.full(cap, math.inf)  # centre value, or its Lipschitz lower estimate
+        self.size = np.zeros(cap)  # half-diagonal in box-normalised coordinates
+        self.heap: list[tuple[float, float, int]] = []
+        # One min-heap of (value, tie, cell) per cell size: DIRECT-style selection reads the
+        # best cell of every size.
+        self.by_size: dict[int, list[tuple[float, float, int]]] = {}
+        self.rng = rng
+        self.pruned_min = math.inf
+
+    def _grow(self) -> None:
+        cap = 2 * self.lo.shape[0]
+        for name, fill in (
+            ("lo", 0.0),
+            ("hi", 0.0),
+            ("bound", -math.inf),
+            ("terms", -1),
+            ("child", -1),
+            ("sdim", 0),
+            ("state", 0),
+            ("center", -1),
+            ("value", math.inf),
+            ("size", 0.0),
+        ):
+            old = getattr(self, name)
+            new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+
+    def add(self, lo: FloatArray, hi: FloatArray) -> int:
+        if self.n == self.lo.shape[0]:
+            self._grow()
+        i = self.n
+        self.lo[i], self.hi[i] = lo, hi
+        self.n += 1
+        return i
+
+    def push(self, i: int) -> None:
+        # Ties in the bound are broken by a seeded random key: the only use of ``seed``.
+        heapq.heappush(self.heap, (float(self.bound[i]), float(self.rng.random()), i))
+
+    def push_size(self, i: int) -> None:
+        key = round(float(self.size[i]) * 1e12)
+        heap = self.by_size.setdefault(key, [])
+        heapq.heappush(heap, (float(self.value[i]), float(self.rng.random()), i))
+
+    def hull(self) -> list[int]:
+        """Cells on the lower-right convex hull of (size, value): DIRECT's potentially optimal
+        cells, i.e. those with the lowest value - K * size for some K > 0."""
+        pts: list[tuple[float, float, int]] = []
+        for key in list(self.by_size):
+            heap = self.by_size[key]
+            while heap and (
+                self.state[heap[0][2]] != _LEAF or self.value[heap[0][2]] != heap[0][0]
+            ):
+                heapq.heappop(heap)
+            if not heap:
+                del self.by_size[key]
+                continue
+            i = heap[0][2]
+            pts.append((float(self.size[i]), heap[0][0], i))
+        if not pts:
+            return []
+        pts.sort()
+        unknown = [p[2] for p in pts if p[1] == -math.inf]
+        if unknown:  # cells with no finite information anywhere: look at them first
+            return unknown
+        # start at the lowest value (largest size among ties), walk to the largest size
+        j0 = min(range(len(pts)), key=lambda j: (pts[j][1], -pts[j][0]))
+        chain: list[tuple[float, float, int]] = []
+        for p in pts[j0:]:
+            while len(chain) >= 2:
+                (x1, y1, _), (x2, y2, _) = chain[-2], chain[-1]
+                # drop the middle point if it lies on or above the segment to p
+                if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                    chain.pop()
+                else:
+                    break
+            chain.append(p)
+        return [c[2] for c in chain]
+
+    def peek(self) -> int:
+        """The live leaf with the lowest bound, or -1; drops stale heap entries."""
+        heap = self.heap
+        while heap:
+            b, _, i = heap[0]
+            if self.state[i] == _LEAF and self.bound[i] == b:
+                return i
+            heapq.heappop(heap)
+        return -1
+
+    def leaf_of(self, x: FloatArray) -> int:
+        i = 0
+        while self.state[i] == _SPLIT:
+            k = int(self.sdim[i])
+            lo, hi = self.lo[i, k], self.hi[i, k]
+            t = (x[k] - lo) / (hi - lo)
+            i = int(self.child[i]) + (0 if t < 1 / 3 else 1 if t < 2 / 3 else 2)
+        return i
+
+    def add_term(self, leaf: int, idx: int, S: _Samples, L: float) -> None:
+        """Tighten a cell's bound with one more sample (the weakest kept term is replaced)."""
+        if not math.isfinite(S.Fb[idx]):
+            return
+        far = np.maximum(np.abs(S.X[idx] - self.lo[leaf]), np.abs(S.X[idx] - self.hi[leaf]))
+        val = float(S.Fb[idx] - L * math.sqrt(float(far @ far)))
+        terms = self.terms[leaf]
+        if val > self.bound[leaf]:
+            self.bound[leaf] = val
+            if self.state[leaf] == _LEAF:
+                self.push(leaf)
+        free = np.flatnonzero(terms < 0)
+        if free.size:
+            terms[free[0]] = idx
+            return
+        tv = self._term_values(np.array([leaf]), S, L)[0]
+        j = int(np.argmin(tv))
+        if val > tv[j]:
+            terms[j] = idx
+
+    def _term_values(self, cells: NDArray[np.int64], S: _Samples, L: float) -> FloatArray:
+        t = self.terms[cells]  # (m, K)
+        valid = t >= 0
+        tt = np.where(valid, t, 0)
+        X = S.X[tt]  # (m, K, d)
+        far = np.maximum(
+            np.abs(X - self.lo[cells][:, None, :]), np.abs(X - self.hi[cells][:, None, :])
+        )
+        vals = S.Fb[tt] - L * np.sqrt(np.einsum("mkd,mkd->mk", far, far))
+        return np.where(valid, vals, -math.inf)
+
+    def rebound(self, S: _Samples, L: float) -> None:
+        """Recompute every leaf's bound for a new L from its kept terms; rebuild the heap."""
+        n = self.n
+        cells = np.flatnonzero(self.state[:n] != _SPLIT)
+        if cells.size:
+            self.bound[cells] = self._term_values(cells, S, L).max(axis=1)
+        # A cell pruned under a smaller L may be live again: every non-split cell re-enters,
+        # the pop decides again.
+        self.state[cells[self.state[cells] == _PRUNED]] = _LEAF
+        retired = cells[self.state[cells] == _RETIRED]
+        self.pruned_min = float(self.bound[retired].min()) if retired.size else math.inf
+        live = cells[self.state[cells] == _LEAF]
+        keys = self.rng.random(live.size)
+        self.heap = [
+            (float(self.bound[i]), float(k), int(i)) for i, k in zip(live, keys, strict=True)
+        ]
+        heapq.heapify(self.heap)
+        self.by_size = {}
+        for i in live:
+            self.push_size(int(i))
+
+    def lower_bound(self) -> float:
+        top = self.peek()
+        live = float(self.bound[top]) if top >= 0 else math.inf
+        return min(live, self.pruned_min)
+
+
+def _check_callable(name: str, obj: Any) -> None:
+    if not callable(obj):
+        raise TypeError(f"{name} must be callable, got {type(obj).__name__}.")
+
+
+def minimize(
+    func: Callable[..., Any],
+    bounds: Any,
+    *,
+    args: tuple[Any, ...] = (),
+    jac: Callable[..., ArrayLike] | bool | None = None,
+    lipschitz: float | None = None,
+    rho: float = 0.1,
+    f_lower: float | None = None,
+    tol: float = 1e-6,
+    maxfev: int | None = None,
+    maxiter: int | None = None,
+    f_target: float | None = None,
+    polish: bool = True,
+    polish_maxfev: int | None = None,
+    branch: bool | None = None,
+    branch_steps: int = 4,
+    lipschitz_safety: float = 2.0,
+    strategy: str = "hull",
+    callback: Callable[[OptimizeResult], Any] | None = None,
+    seed: int | np.random.Generator | None = None,
+) -> OptimizeResult:
+    r"""Globally minimize ``func`` over a box with BPGrad's branch-and-prune (Algorithm 1).
+
+    **Model.** ``f`` is L-Lipschitz on the box X: :math:`|f(x)-f(y)| \le L\|x-y\|_2`. Every
+    evaluated sample :math:`(x_i, f_i)` then gives :math:`f(x) \ge f_i - L\|x - x_i\|`, so the
+    ball :math:`B(x_i, r_i)`, :math:`r_i = (f_i - \hat f^*)/L`, holds no point with
+    :math:`f \le \hat f^*` and is *pruned*.
+
+    **Pruning level** :math:`\hat f^*`. BPGrad uses :math:`\rho\,\min_i f_i`, which assumes
+    :math:`f \ge 0`. For any sign, with :math:`f_b` the best value so far,
+
+    .. math:: \hat f^* = f_b - \max\bigl(\mathrm{tol},\ (1-\rho)(f_b - f_\mathrm{lower})\bigr),
+
+    which is BPGrad's :math:`\rho f_b` when ``f_lower=0`` (and the gap exceeds ``tol``). Without
+    ``f_lower`` (default) the level is :math:`f_b - \mathrm{tol}`: a ball then holds no point that
+    improves the best value by more than ``tol``.
+
+    **Branch (BPGrad step).** From a sample :math:`x_t` with gradient :math:`g_t`, the next
+    sample is on the boundary of its own ball along the normalised negative gradient, projected
+    onto the box: :math:`x_{t+1} = \Pi_X(x_t - r_t g_t/\|g_t\|)`. It is evaluated only if it lies
+    outside every pruning ball; a chain follows at most ``branch_steps`` steps.
+
+    **Re-sampling rule** (when the branch is pruned, unavailable, or its chain ends): the box is
+    kept as a partition into cells (trisection of a cell's longest side, normalised by the box).
+    A cell's lower bound is :math:`\max_i f_i - L\,\mathrm{far}(x_i, \text{cell})`, with far the
+    distance to the cell's farthest corner; it is a valid bound on f over the cell. The cell with
+    the lowest bound - the most promising unpruned region - is divided and the centres of the
+    new cells are evaluated **only if they lie outside every pruning ball**. A cell whose bound
+    exceeds :math:`\hat f^*` lies inside one ball and is pruned. Every branch or re-sampling
+    evaluation is outside all balls, whose radii exceed tol/L while the gap exceeds tol, so those
+    samples are tol/L apart and their number is finite (at most the packing number of X).
+
+    **Local polish** (``polish=True``): from each new best point found by the branch or
+    re-sampling steps, a projected BFGS descent with Armijo backtracking runs for at most
+    ``polish_maxfev`` evaluations (default ``50 (d + 1)``). It is not part of the finite-iteration
+    argument (its samples may lie in pruned balls) but is bounded per new best point. Its samples
+    tighten the cell bounds.
+
+    **Lower bound.** ``res.lower_bound`` is the minimum over all cells (live and pruned) of
+    their bounds: :math:`\min_X f \ge` ``lower_bound`` whenever ``lipschitz`` is a true
+    Lipschitz constant and every value was finite; ``res.certified`` says whether that holds
+    (False when L was estimated, when an observed slope exceeded ``lipschitz``, or when a value
+    was not finite).
+
+    **Unknown L** (``lipschitz=None``): :math:`\hat L = s \cdot 1.1^{\lceil\log_{1.1} m\rceil}`
+    with :math:`m` the largest slope :math:`|f_i - f_j|/\|x_i - x_j\|` (and gradient norm) seen
+    so far and :math:`s` = ``lipschitz_safety``; it only grows. No certificate is claimed.
+
+    Args:
+        func: ``func(x, *args) -> float`` for a 1-D float array ``x``; with ``jac=True`` it
+            returns ``(value, gradient)``. Exceptions from ``func`` propagate unchanged.
+        bounds: a sequence of ``(low, high)`` pairs or an object with ``lb`` and ``ub``
+            (``scipy.optimize.Bounds``). Finite, ``low < high``.
+        args: extra positional arguments for ``func`` and ``jac``.
+        jac: gradient callable ``jac(x, *args)`` (counted in ``njev``), ``True`` when ``func``
+            returns the gradient too, or ``None``: then the polish uses forward differences
+            (``d`` calls each, counted in ``nfev``, kind ``"fd"``) and the branch is off unless
+            ``branch=True`` (then its direction also comes from forward differences).
+        lipschitz: a Lipschitz constant L of ``func`` on the box (Euclidean norm); ``None``
+            estimates it from the data (no certificate).
+        rho: BPGrad's ratio in [0, 1): only used together with ``f_lower``.
+        f_lower: a known lower bound on f (BPGrad assumes 0); with ``rho`` it sets how
+            aggressively balls prune (see the pruning level above).
+        tol: absolute gap: stop when best value minus lower bound is at most ``tol``.
+        maxfev: budget of ``func`` calls (default ``1000 d``).
+        maxiter: budget of iterations (one cell division, one branch step, one polish run, or
+            one re-evaluated cell centre each); default unlimited.
+        f_target: stop as soon as a value ``<= f_target`` is seen.
+        polish: run the local polish from each new best point.
+        polish_maxfev: evaluations per polish run (default ``50 (d + 1)``).
+        branch: take BPGrad branch steps; default True when ``jac`` is given.
+        branch_steps: longest chain of branch steps from one re-sampled point.
+        lipschitz_safety: the factor s of the L estimate (>= 1).
+        callback: ``callback(intermediate_result)`` after every iteration, with ``x, fun,
+            nfev, njev, nit, lower_bound, lipschitz``; returning ``True`` or raising
+            ``StopIteration`` ends the run with status 4. It gets a copy: changing it has no
+            effect.
+        seed: seeds the only random choice, the order of cells with exactly equal bounds;
+            ``None`` means 0, so a run is reproducible by default.
+
+    Returns:
+        An :class:`OptimizeResult` with ``x, fun, nfev, njev, nit, status, success, message``,
+        ``lower_bound, gap, certified, lipschitz, lipschitz_estimated, fhat`` (the final pruning
+        level), ``nonfinite`` (count of NaN/inf values), and the history ``history_x`` (n, d),
+        ``history_f`` (n,), ``history_kind`` (n,) codes into ``kind_names``. Status codes and
+        messages: :data:`bpgrad.globalopt.STATUS_MESSAGES`. Non-finite values (NaN, ±inf) are
+        recorded and counted but never become the best point and carry no bound information.
+    """
+    # ---- validation: every argument checked before the first evaluation ----
+    _check_callable("func", func)
+    lb, ub = parse_bounds(bounds)
+    d = lb.size
+    if not isinstance(args, tuple):
+        args = (args,)
+    if jac is not None and jac is not True and not callable(jac):
+        raise TypeError("jac must be a callable, True (func returns (value, gradient)) or None.")
+    if jac is False:
+        jac = None
+    if lipschitz is not None:
+        lipschitz = float(lipschitz)
+        if not (math.isfinite(lipschitz) and lipschitz > 0):
+            raise ValueError(
+                f"lipschitz must be a finite positive number, got {lipschitz}; pass None to "
+                "estimate it from the data."
+            )
+    rho = float(rho)
+    if not 0 <= rho < 1:
+        raise ValueError(f"rho must lie in [0, 1), got {rho}.")
+    if f_lower is not None and not math.isfinite(float(f_lower)):
+        raise ValueError(f"f_lower must be a finite number or None, got {f_lower}.")
+    tol = float(tol)
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite positive number, got {tol}.")
+    maxfev = 1000 * d if maxfev is None else _positive_int("maxfev", maxfev)
+    maxiter_v = math.inf if maxiter is None else _positive_int("maxiter", maxiter)
+    if f_target is not None and math.isnan(float(f_target)):
+        raise ValueError("f_target must be a number or None, not NaN.")
+    polish_maxfev = (
+        50 * (d + 1) if polish_maxfev is None else _positive_int("polish_maxfev", polish_maxfev)
+    )
+    branch_steps = _positive_int("branch_steps", branch_steps, allow_zero=True)
+    lipschitz_safety = float(lipschitz_safety)
+    if not (math.isfinite(lipschitz_safety) and lipschitz_safety >= 1):
+        raise ValueError(f"lipschitz_safety must be a finite number >= 1, got {lipschitz_safety}.")
+    if strategy not in ("hull", "bound"):
+        raise ValueError(f"strategy must be 'hull' or 'bound', got {strategy!r}.")
+    if callback is not None:
+        _check_callable("callback", callback)
+    use_branch = (jac is not None) if branch is None else bool(branch)
+    rng = np.random.default_rng(0 if seed is None else seed)
+
+    run = _Run(
+        func=func,
+        args=args,
+        jac=jac,
+        lb=lb,
+        ub=ub,
+        lipschitz=lipschitz,
+        rho=rho,
+        f_lower=None if f_lower is None else float(f_lower),
+        tol=tol,
+        maxfev=maxfev,
+        maxiter=maxiter_v,
+        f_target=None if f_target is None else float(f_target),
+        polish=bool(polish),
+        polish_maxfev=polish_maxfev,
+        branch=use_branch,
+        branch_steps=branch_steps,
+        safety=lipschitz_safety,
+        strategy=strategy,
+        callback=callback,
+        rng=rng,
+    )
+    return run.solve()
+
+
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        need = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {need} integer, got {value}.")
+    return int(value)
+
+
+class _Run:
+    """State of one call of :func:`minimize`."""
+
+    def __init__(
+        self,
+        *,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        jac: Any,
+        lb: FloatArray,
+        ub: FloatArray,
+        lipschitz: float | None,
+        rho: float,
+        f_lower: float | None,
+        tol: float,
+        maxfev: int,
+        maxiter: float,
+        f_target: float | None,
+        polish: bool,
+        polish_maxfev: int,
+        branch: bool,
+        branch_steps: int,
+        safety: float,
+        strategy: str,
+        callback: Callable[[OptimizeResult], Any] | None,
+        rng: np.random.Generator,
+    ) -> None:
+        self.func, self.args, self.jac = func, args, jac
+        self.lb, self.ub = lb, ub
+        self.width = ub - lb
+        self.diag = float(np.linalg.norm(self.width))
+        self.d = lb.size
+        self.known_L = lipschitz
+        self.rho, self.f_lower, self.tol = rho, f_lower, tol
+        self.maxfev, self.maxiter, self.f_target = maxfev, maxiter, f_target
+        self.do_polish, self.polish_maxfev = polish, polish_maxfev
+        self.do_branch, self.branch_steps = branch, branch_steps
+        self.safety = safety
+        self.strategy = strategy
+        self.callback = callback
+        self.S = _Samples(self.d, lb, ub)
+        self.T = _Tree(self.d, rng)
+        self.nfev = 0
+        self.njev = 0
+        self.nit = 0
+        self.L = lipschitz if lipschitz is not None else 1.0
+        self.L_dirty = False
+        self.fd_step = 1.5e-8 * np.maximum(np.maximum(np.abs(lb), np.abs(ub)), self.width)
+
+    # ---- evaluation: the only place that calls user code ----
+    def evaluate(self, x: FloatArray, kind: int, want_grad: bool) -> int:
+        if self.nfev >= self.maxfev:
+            raise _Stop(2)
+        x = np.array(x, dtype=np.float64)
+        g: FloatArray | None = None
+        self.nfev += 1
+        if self.jac is True:
+            out = self.func(x.copy(), *self.args)
+            try:
+                fv, gv = out
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    "with jac=True, func must return a pair (value, gradient)."
+                ) from exc
+            f = _as_scalar(fv)
+            g = self._as_grad(gv)
+        else:
+            f = _as_scalar(self.func(x.copy(), *self.args))
+            if want_grad and callable(self.jac) and math.isfinite(f):
+                self.njev += 1
+                g = self._as_grad(self.jac(x.copy(), *self.args))
+        i = self.S.add(x, f, g, kind)
+        self._update_L()
+        if self.f_target is not None and f <= self.f_target:
+            raise _Stop(5)
+        return i
+
+    def _as_grad(self, gv: Any) -> FloatArray:
+        g = np.asarray(gv, dtype=np.float64).reshape(-1)
+        if g.size != self.d:
+            raise ValueError(
+                f"the gradient has {g.size} entries but x has {self.d}: jac must return one "
+                "partial derivative per coordinate."
+            )
+        return g
+
+    def _update_L(self) -> None:
+        if self.known_L is not None:
+            return
+        m = self.S.slope_max
+        if m <= 0:
+            # No slope seen yet (one point, or a constant function): a tiny L, so bounds
+            # follow the data until a slope appears.
+            scale = max(1.0, abs(self.S.f_best)) if math.isfinite(self.S.f_best) else 1.0
+            new = 1e-9 * scale / self.diag
+        else:
+            new = self.safety * _L_GRID ** math.ceil(math.log(m) / math.log(_L_GRID))
+        if new > self.L * (1 + 1e-12) or self.S.n == 1:
+            self.L = new
+            self.L_dirty = True
+
+    def gradient(self, i: int) -> FloatArray | None:
+        """Gradient at sample i: stored, from ``jac``, or by forward differences (counted)."""
+        g = self.S.G[i]
+        if np.all(np.isfinite(g)):
+            return g.copy()
+        if not math.isfinite(self.S.F[i]):
+            return None
+        x = self.S.X[i].copy()
+        if callable(self.jac):
+            self.njev += 1
+            gv = self._as_grad(self.jac(x.copy(), *self.args))
+            if np.all(np.isfinite(gv)):
+                self.S.G[i] = gv
+                return gv
+            return None
+        f0 = float(self.S.F[i])
+        g = np.empty(self.d)
+        for j in range(self.d):
+            h = float(self.fd_step[j])
+            xj = x.copy()
+            if x[j] + h > self.ub[j]:
+                h = -h
+            xj[j] = x[j] + h
+            k = self.evaluate(xj, FD, False)
+            self._insert(k)
+            g[j] = (self.S.F[k] - f0) / h
+        if not np.all(np.isfinite(g)):
+            return None
+        self.S.G[i] = g
+        return g
+
+    # ---- pruning level and bounds ----
+    def fhat(self) -> float:
+        fb = self.S.f_best
+        if not math.isfinite(fb):
+            return math.inf
+        if not self._may_conclude():
+            return math.inf  # nothing is pruned while an estimated L rests on few samples
+        delta = self.tol
+        if self.f_lower is not None:
+            delta = max(delta, (1 - self.rho) * (fb - self.f_lower))
+        return fb - delta
+
+    def pruned_point(self, y: FloatArray) -> bool:
+        fh = self.fhat()
+        return self.S.lower_at(y, self.L) > fh + 1e-12 * (1 + abs(fh))
+
+    def _insert(self, i: int) -> None:
+        """Put a non-centre sample into the partition as a bound term of its cell."""
+        self.T.add_term(self.T.leaf_of(self.S.X[i]), i, self.S, self.L)
+
+    def _place(self, c: int, center_lower: float | None) -> None:
+        """Set a new cell's ranking value and size; prune it or make it live."""
+        T = self.T
+        i = int(T.center[c])
+        if i >= 0 and math.isfinite(self.S.F[i]):
+            T.value[c] = self.S.F[i]
+        elif center_lower is not None:
+            T.value[c] = center_lower
+        else:
+            T.value[c] = self.S.lower_at(0.5 * (T.lo[c] + T.hi[c]), self.L)
+        T.size[c] = 0.5 * float(np.linalg.norm((T.hi[c] - T.lo[c]) / self.width))
+        if T.bound[c] > self.fhat():
+            T.state[c] = _PRUNED
+            T.pruned_min = min(T.pruned_min, float(T.bound[c]))
+        else:
+            T.push(c)
+            T.push_size(c)
+
+    def _refresh_L(self) -> None:
+        if self.L_dirty:
+            self.L_dirty = False
+            self.T.rebound(self.S, self.L)
+
+    # ---- the search ----
+    def solve(self) -> OptimizeResult:
+        status = -1
+        branch_queue: list[tuple[int, int]] = []
+        pending: list[int] = []
+        try:
+            root = self.T.add(self.lb.copy(), self.ub.copy())
+            c = self.evaluate(0.5 * (self.lb + self.ub), GLOBAL, self.do_branch)
+            self.T.center[root] = c
+            self._refresh_L()
+            self.T.bound[root], self.T.terms[root] = self.S.box_terms(self.lb, self.ub, self.L)
+            self._place(root, None)
+            self._after_sample(c, branch_queue, 0)
+            while True:
+                self._refresh_L()
+                status = self._check_stop()
+                if status >= 0:
+                    break
+                if branch_queue:
+                    i, depth = branch_queue.pop()
+                    self._branch(i, depth, branch_queue)
+                else:
+                    leaf = self.T.peek()
+                    if leaf < 0 or self.T.bound[leaf] > self.fhat():
+                        status = 0 if self._gap() <= self.tol else 1
+                        break
+                    if self.strategy == "hull":
+                        while pending and self.T.state[pending[-1]] != _LEAF:
+                            pending.pop()
+                        if not pending:
+                            pending = self.T.hull()[::-1]
+                        leaf = pending.pop() if pending else leaf
+                    if self.T.bound[leaf] > self.fhat():
+                        self.T.state[leaf] = _PRUNED
+                        self.T.pruned_min = min(self.T.pruned_min, float(self.T.bound[leaf]))
+                    else:
+                        self._divide(leaf, branch_queue)
+                self.nit += 1
+                if self._call_back():
+                    status = 4
+                    break
+        except _Stop as stop:
+            status = stop.status
+        if self.S.n_nonfinite == self.S.n:
+            status = 6
+        return self._result(status)
+
+    def _gap(self) -> float:
+        return self.S.f_best - self.T.lower_bound()
+
+    def _may_conclude(self) -> bool:
+        # An estimated L rests on the data: too few samples can make it tiny and the gap
+        # vanish. With an estimated L the gap and cover stops wait for 10 (d + 1) finite values.
+        finite = self.S.n - self.S.n_nonfinite
+        return self.known_L is not None or finite >= 10 * (self.d + 1)
+
+    def _check_stop(self) -> int:
+        if math.isfinite(self.S.f_best) and self._may_conclude() and self._gap() <= self.tol:
+            return 0
+        if self.nit >= self.maxiter:
+            return 3
+        return -1
+
+    def _after_sample(self, i: int, branch_queue: list[tuple[int, int]], depth: int) -> None:
+        """A branch or re-sampling evaluation: polish a new best point, else branch from it."""
+        if not math.isfinite(self.S.F[i]):
+            return
+        if i == self.S.best and self.do_polish:
+            self._polish(i)
+        elif self.do_branch and depth < self.branch_steps:
+            branch_queue.append((i, depth))
+
+    def _branch(self, i: int, depth: int, branch_queue: list[tuple[int, int]]) -> None:
+        g = self.gradient(i)
+        if g is None:
+            return
+        gn = float(np.linalg.norm(g))
+        r = (float(self.S.F[i]) - self.fhat()) / self.L
+        if gn == 0 or not math.isfinite(r) or r <= 0:
+            return
+        x = self.S.X[i]
+        y = np.clip(x - (r / gn) * g, self.lb, self.ub)
+        if np.linalg.norm(y - x) <= 1e-9 * self.diag or self.pruned_point(y):
+            return
+        k = self.evaluate(y, BRANCH, True)
+        self._insert(k)
+        self._after_sample(k, branch_queue, depth + 1)
+
+    def _divide(self, leaf: int, branch_queue: list[tuple[int, int]]) -> None:
+        T, S = self.T, self.S
+        lo, hi = T.lo[leaf].copy(), T.hi[leaf].copy()
+        if T.center[leaf] < 0:
+            # The centre was in a pruning ball when the cell was made; balls move with f̂* and L.
+            y = 0.5 * (lo + hi)
+            if not self.pruned_point(y):
+                c = self.evaluate(y, GLOBAL, self.do_branch)
+                T.center[leaf] = c
+                T.add_term(leaf, c, S, self.L)
+                if math.isfinite(S.F[c]):
+                    T.value[leaf] = S.F[c]
+                    T.push_size(leaf)
+                self._after_sample(c, branch_queue, 0)
+                return
+        w = hi - lo
+        rel = w / self.width
+        if float(rel.max()) < 1e-12:
+            # Too small to divide in floating point: keep its (valid) bound in the certificate.
+            T.state[leaf] = _RETIRED
+            T.pruned_min = min(T.pruned_min, float(T.bound[leaf]))
+            return
+        k = int(np.argmax(rel))
+        a, b = lo[k] + w[k] / 3, lo[k] + 2 * w[k] / 3
+        edges = ((lo[k], a), (a, b), (b, hi[k]))
+        kids = []
+        for e0, e1 in edges:
+            clo, chi = lo.copy(), hi.copy()
+            clo[k], chi[k] = e0, e1
+            kids.append(T.add(clo, chi))
+        T.child[leaf] = kids[0]
+        T.sdim[leaf] = k
+        T.state[leaf] = _SPLIT
+        T.center[kids[1]] = T.center[leaf]
+        for c in kids:
+            T.bound[c], T.terms[c] = S.box_terms(T.lo[c], T.hi[c], self.L)
+        new = []
+        lowers: dict[int, float | None] = {kids[1]: None}
+        if T.center[leaf] < 0:
+            lowers[kids[1]] = float(T.value[leaf])
+        for c in (kids[0], kids[2]):
+            y = 0.5 * (T.lo[c] + T.hi[c])
+            lower = S.lower_at(y, self.L)
+            fh = self.fhat()
+            lowers[c] = lower
+            if not lower > fh + 1e-12 * (1 + abs(fh)):
+                s = self.evaluate(y, GLOBAL, self.do_branch)
+                T.center[c] = s
+                T.add_term(c, s, S, self.L)
+                new.append(s)
+        for c in kids:
+            self._place(c, lowers[c])
+        for s in new:
+            self._after_sample(s, branch_queue, 0)
+
+    def _polish(self, i0: int) -> None:
+        """Projected BFGS with Armijo backtracking from sample i0, at most polish_maxfev calls."""
+        S = self.S
+        stop_at = self.nfev + self.polish_maxfev
+        x = S.X[i0].copy()
+        f = float(S.F[i0])
+        g = self.gradient(i0)
+        if g is None:
+            return
+        H: FloatArray | None = None
+        step0 = 0.1 * self.diag / math.sqrt(self.d)
+        want = self.jac is not None
+        for _ in range(100 * self.d + 100):
+            free = ~(((x <= self.lb) & (g > 0)) | ((x >= self.ub) & (g < 0)))
+            pg = np.where(free, g, 0.0)
+            gnorm = float(np.linalg.norm(pg))
+            if gnorm <= 1e-14 * (1 + abs(f)) * self.L:
+                return
+            p = -pg * (step0 / gnorm) if H is None else np.where(free, -(H @ pg), 0.0)
+            if float(p @ pg) >= 0:
+                H = None
+                p = -pg * (step0 / gnorm)
+            alpha = 1.0
+            accepted = -1
+            for _ls in range(40):
+                if self.nfev >= stop_at:
+                    return
+                xn = np.clip(x + alpha * p, self.lb, self.ub)
+                s = xn - x
+                if float(np.linalg.norm(s)) <= 1e-13 * self.diag:
+                    return
+                k = self.evaluate(xn, POLISH, want)
+                self._insert(k)
+                fn = float(S.F[k])
+                if math.isfinite(fn) and fn <= f + 1e-4 * float(g @ s):
+                    accepted = k
+                    break
+                alpha *= 0.25 if not math.isfinite(fn) else 0.5
+            if accepted < 0:
+                return
+            if self.nfev >= stop_at:
+                return
+            gn = self.gradient(accepted)
+            if gn is None:
+                return
+            s = S.X[accepted] - x
+            yv = gn - g
+            sy = float(s @ yv)
+            if sy > 1e-12 * float(np.linalg.norm(s)) * float(np.linalg.norm(yv)):
+                if H is None:
+                    H = np.eye(self.d) * (sy / float(yv @ yv))
+                rho_ = 1.0 / sy
+                Hy = H @ yv
+                H = (
+                    H
+                    - rho_ * (np.outer(s, Hy) + np.outer(Hy, s))
+                    + (rho_ * rho_ * float(yv @ Hy) + rho_) * np.outer(s, s)
+                )
+            f_old = f
+            x, f, g = S.X[accepted].copy(), float(S.F[accepted]), gn
+            if f_old - f <= 1e-15 * (1 + abs(f)):
+                return
+
+    def _snapshot(self) -> OptimizeResult:
+        S = self.S
+        has = S.best >= 0
+        return OptimizeResult(
+            x=S.X[S.best].copy() if has else 0.5 * (self.lb + self.ub),
+            fun=float(S.f_best) if has else math.nan,
+            nfev=self.nfev,
+            njev=self.njev,
+            nit=self.nit,
+            lower_bound=self.T.lower_bound() if has else -math.inf,
+            lipschitz=self.L,
+        )
+
+    def _call_back(self) -> bool:
+        if self.callback is None:
+            return False
+        try:
+            out = self.callback(self._snapshot())
+        except StopIteration:
+            return True
+        return bool(out) if isinstance(out, (bool, np.bool_)) else False
+
+    def _result(self, status: int) -> OptimizeResult:
+        S = self.S
+        res = self._snapshot()
+        n = S.n
+        violated = self.known_L is not None and S.slope_max > self.known_L * (1 + 1e-9)
+        certified = self.known_L is not None and not violated and S.n_nonfinite == 0 and S.best >= 0
+        lower = res.lower_bound
+        gap = res.fun - lower if S.best >= 0 else math.inf
+        message = STATUS_MESSAGES[status]
+        if status in (0, 1) and not certified:
+            message += " The lower bound rests on an estimated or violated L: not a certificate."
+        if violated:
+            message += (
+                f" Warning: an observed slope {S.slope_max:.4g} exceeds lipschitz={self.known_L}."
+            )
+        res.update(
+            status=status,
+            success=status in SUCCESS_STATUSES,
+            message=message,
+            gap=gap,
+            certified=certified,
+            lipschitz_estimated=self.known_L is None,
+            max_slope=S.slope_max,
+            fhat=self.fhat(),
+            nonfinite=S.n_nonfinite,
+            history_x=S.X[:n].copy(),
+            history_f=S.F[:n].copy(),
+            history_kind=S.kind[:n].copy(),
+            kind_names=KIND_NAMES,
+        )
+        return res

@@ -1,0 +1,138 @@
+"""``bpgrad minimize MODULE:FUNCTION --bounds ...``: run :func:`minimize` from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util as ilu
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_function", "parse_bounds_text", "register"]
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:attr`` (or a ``path/to/file.py:attr``) and return the callable."""
+    if ":" not in spec:
+        raise ValueError(f"expected MODULE:FUNCTION, got {spec!r} (e.g. mypkg.funcs:branin).")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise ValueError(f"no such file: {mod_name}")
+        module_spec = ilu.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"cannot import {mod_name}")
+        module = ilu.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path:
+            sys.path.insert(0, "")
+        module = importlib.import_module(mod_name)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable.")
+    return obj
+
+
+def parse_bounds_text(texts: list[str]) -> list[tuple[float, float]]:
+    """``["-5,10", "0,15"]`` or ``["-5:10", "0:15"]`` -> ``[(-5, 10), (0, 15)]``.
+
+    One item ``LOW,HIGH*D`` (e.g. ``-5,5*3``) repeats a pair D times.
+    """
+    out: list[tuple[float, float]] = []
+    for t in texts:
+        rep = 1
+        if "*" in t:
+            t, _, r = t.partition("*")
+            rep = int(r)
+        parts = t.replace(":", ",").split(",")
+        if len(parts) != 2:
+            raise ValueError(f"each bound is LOW,HIGH; got {t!r}.")
+        out += [(float(parts[0]), float(parts[1]))] * rep
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bpgrad.globalopt import minimize
+
+    try:
+        func = load_function(args.function)
+        bounds = parse_bounds_text(args.bounds)
+    except (ValueError, ImportError, AttributeError) as exc:
+        print(f"bpgrad minimize: {exc}", file=sys.stderr)
+        return 2
+    res = minimize(
+        func,
+        bounds,
+        lipschitz=args.lipschitz,
+        maxfev=args.maxfev,
+        maxiter=args.maxiter,
+        tol=args.tol,
+        seed=args.seed,
+    )
+    summary = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in res.items()
+        if not k.startswith("history") and k != "kind_names"
+    }
+    if args.json:
+        print(json.dumps(summary, default=float))
+    else:
+        for k, v in summary.items():
+            if isinstance(v, float) and math.isfinite(v):
+                v = f"{v:.10g}"
+            print(f"{k:>20}: {v}")
+    if args.plot is not None:
+        if len(bounds) != 2:
+            print("bpgrad minimize: --plot needs a 2-D problem.", file=sys.stderr)
+            return 2
+        from bpgrad.globalopt.plot import plot_run
+
+        plot_run(func, bounds, res, path=args.plot)
+        print(f"{'plot':>20}: {args.plot}")
+    return 0 if res.success or res.status in (2, 3) else 1
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``minimize`` subcommand to the ``bpgrad`` command line."""
+    p = subparsers.add_parser(
+        "minimize",
+        help="globally minimize a Python function over a box (BPGrad Algorithm 1)",
+        description="Globally minimize FUNCTION over a box with bpgrad.minimize and print the "
+        "result. Example: bpgrad minimize mymod:branin --bounds -5,10 0,15 --plot run.png",
+    )
+    p.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION; f(x) -> float")
+    p.add_argument(
+        "--bounds",
+        nargs="+",
+        required=True,
+        metavar="LOW,HIGH",
+        help="one LOW,HIGH pair per coordinate (LOW,HIGH*D repeats it D times)",
+    )
+    p.add_argument(
+        "--lipschitz",
+        type=float,
+        default=None,
+        help="a Lipschitz constant of f (gives a certified lower bound)",
+    )
+    p.add_argument("--maxfev", type=int, default=None, help="evaluation budget (default 1000 d)")
+    p.add_argument("--maxiter", type=int, default=None)
+    p.add_argument("--tol", type=float, default=1e-6, help="absolute gap to stop at")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write a picture of the run (2-D only; .png or .svg)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=_run)
