@@ -17,8 +17,12 @@ private kernels (loop / foreach / fused) update flat tensor lists with keyword-o
 per-step scalar (loss, norm, running min, step size) stays a 0-dim tensor on the parameters'
 device: ``step`` never reads a tensor's value on the host unless ``strict=True``.
 
-Momentum buffers are stored in ``torch.optim.SGD``'s sign convention,
-``state["momentum_buffer"] = -v``, so the fused path can reuse ``torch._fused_sgd_``.
+Momentum buffers follow ``torch.optim.SGD``'s sign convention (``beta = -v``). For the matconvnet
+style the buffer is stored multiplied by the gradient norm of its latest step,
+``state["momentum_buffer"] = n * beta`` with ``n`` in the optimizer-wide ``buffer_scale`` entry:
+that makes the update exactly ``torch._fused_sgd_`` after one rescaling multiplication, so the fused
+kernel runs in one pass and never touches ``p.grad``. Use :meth:`BPGrad.momentum_direction` to read
+``beta`` itself.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ _GLOBAL_OPTIONS = ("objective", "loss_lower_bound", "distributed_loss", "eps", "
 
 # Keys of the optimizer-wide state, kept in the state of the first parameter so that one
 # ``state_dict()`` (keyed by parameter index, as FSDP/DCP tools expect) restores everything.
-_GLOBAL_STATE_KEYS = ("step", "skipped_steps", "running_min", "epoch_loss_sum", "epoch_loss_count")
+_GLOBAL_STATE_KEYS = (
+    "step", "skipped_steps", "running_min", "epoch_loss_sum", "epoch_loss_count", "buffer_scale",
+)
 
 
 class BPGradError(RuntimeError):
@@ -103,8 +109,9 @@ class BPGrad(Optimizer):
             ranks with one scalar all-reduce so every replica takes the same step (``True``, the
             default), keep the local loss (``False``; pass an already global loss), or a process
             group to reduce over.
-        foreach, fused: kernel choice as in ``torch.optim`` (``None`` picks: fused where
-            ``torch._fused_sgd_`` supports the device, else foreach). Per group.
+        foreach, fused: kernel choice as in ``torch.optim`` (``None`` picks the fused kernel,
+            ``torch._fused_sgd_``, for the matconvnet style on cpu/cuda/mps/xpu, else foreach;
+            under ``torch.compile`` foreach, which inductor fuses). Per group.
         strict: check every step on the host and raise :class:`BPGradError` for a non-finite or
             negative loss, a non-finite gradient or a zero gradient norm. Costs one host sync per
             step; by default such steps are skipped on the device and counted instead.
@@ -129,9 +136,8 @@ class BPGrad(Optimizer):
     accelerator, is skipped and counted (``strict=True`` raises there too).
 
     Note:
-        The fused kernel (``torch._fused_sgd_``) divides the gradients in place: after a fused
-        step ``p.grad`` holds the normalised direction ``d`` that was applied. Use
-        ``foreach=True`` if your loop reads gradients after ``step``.
+        Gradients are never modified, except under ``GradScaler`` with the fused kernel, which
+        unscales them in place (as ``torch.optim``'s fused optimizers do).
     """
 
     _step_supports_amp_scaling = True
@@ -215,6 +221,22 @@ class BPGrad(Optimizer):
                 out["steps" if key == "step" else key] = state[key]
         return out
 
+    def momentum_direction(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The momentum buffer of ``param`` as the paper's ``-v`` (``None`` before its first step).
+
+        For the matconvnet style this undoes the storage scaling described in the module
+        docstring; for the port style the buffer is returned as stored.
+        """
+        buf = self.state.get(param, {}).get("momentum_buffer")
+        if buf is None:
+            return None
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                if group["momentum_style"] == "matconvnet":
+                    return buf / self._global_state()["buffer_scale"]
+                return buf
+        raise KeyError("param is not optimized by this BPGrad instance")
+
     # ------------------------------------------------------------------ state
     def _anchor(self) -> torch.Tensor:
         for group in self.param_groups:
@@ -236,7 +258,7 @@ class BPGrad(Optimizer):
         if "running_min" not in state:
             device, dtype = anchor.device, self._scalar_dtype()
             for key in _GLOBAL_STATE_KEYS:
-                start = math.inf if key == "running_min" else 0.0
+                start = {"running_min": math.inf, "buffer_scale": 1.0}.get(key, 0.0)
                 state[key] = torch.full((), start, device=device, dtype=dtype)
         return state
 
@@ -258,32 +280,30 @@ class BPGrad(Optimizer):
     # ------------------------------------------------------------------ step
     def _collect_group(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-        bufs: list[torch.Tensor],
+        bufs: list[torch.Tensor], idle_bufs: list[torch.Tensor],
     ) -> None:
+        def real(t: torch.Tensor) -> torch.Tensor:
+            # The norm of the real view equals the complex norm and the update is linear, so
+            # complex parameters are updated through their real views.
+            return torch.view_as_real(t) if torch.is_complex(t) else t
+
+        with_momentum = group["momentum"] != 0.0
         for p in group["params"]:
+            state = self.state.get(p, {}) if with_momentum else {}
+            buf = state.get("momentum_buffer")
             if p.grad is None:
+                if buf is not None:
+                    idle_bufs.append(real(buf))
                 continue
             if p.grad.is_sparse:
                 raise BPGradError("BPGrad does not support sparse gradients; use dense ones")
-            buf = None
-            if group["momentum"] != 0.0:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
+            params.append(real(p))
+            grads.append(real(p.grad))
+            if with_momentum:
                 if buf is None:
                     buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["momentum_buffer"] = buf
-            if torch.is_complex(p):
-                # The norm of the real view equals the complex norm and the update is linear,
-                # so complex parameters are updated through their real views.
-                params.append(torch.view_as_real(p))
-                grads.append(torch.view_as_real(p.grad))
-                if buf is not None:
-                    bufs.append(torch.view_as_real(buf))
-            else:
-                params.append(p)
-                grads.append(p.grad)
-                if buf is not None:
-                    bufs.append(buf)
+                    self.state[p]["momentum_buffer"] = buf
+                bufs.append(real(buf))
 
     def step(  # type: ignore[override]
         self,
@@ -349,15 +369,18 @@ class BPGrad(Optimizer):
         params_per_group: list[list[torch.Tensor]] = []
         grads_per_group: list[list[torch.Tensor]] = []
         bufs_per_group: list[list[torch.Tensor]] = []
+        idle_per_group: list[list[torch.Tensor]] = []
         all_grads: list[torch.Tensor] = []
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             bufs: list[torch.Tensor] = []
-            self._collect_group(group, params, grads, bufs)
+            idle: list[torch.Tensor] = []
+            self._collect_group(group, params, grads, bufs, idle)
             params_per_group.append(params)
             grads_per_group.append(grads)
             bufs_per_group.append(bufs)
+            idle_per_group.append(idle)
             all_grads.extend(grads)
 
         grad_scale = getattr(self, "grad_scale", None)
@@ -387,20 +410,26 @@ class BPGrad(Optimizer):
         gstate["running_min"].copy_(running_min)
         gstate["step"].add_(okf)
         gstate["skipped_steps"].add_(1.0 - okf)
+        # matconvnet-style buffers are stored times the norm of their last step (see bpgrad());
+        # moving them to this step's norm is one multiplication.
+        rescale = torch.where(ok, norm / gstate["buffer_scale"], 1.0)
+        gstate["buffer_scale"].copy_(torch.where(ok, norm, gstate["buffer_scale"]))
 
         etas = []
-        for group, params, grads, bufs in zip(self.param_groups, params_per_group,
-                                              grads_per_group, bufs_per_group, strict=True):
+        for group, params, grads, bufs, idle in zip(
+            self.param_groups, params_per_group, grads_per_group, bufs_per_group,
+            idle_per_group, strict=True,
+        ):
             eta = _scalar(group["lr"], like=like) * (objective - group["rho"] * running_min)
             eta = eta / _scalar(group["lipschitz"], like=like)
             etas.append(eta)
-            if not params:
+            if not params and not idle:
                 continue
             bpgrad(
-                params, grads, bufs, eta=eta, grad_norm=norm, ok=ok, grad_scale=grad_scale,
-                weight_decay=group["weight_decay"], momentum=group["momentum"],
-                momentum_style=group["momentum_style"], foreach=group["foreach"],
-                fused=group["fused"],
+                params, grads, bufs, eta=eta, grad_norm=norm, ok=ok, rescale=rescale,
+                grad_scale=grad_scale, weight_decay=group["weight_decay"],
+                momentum=group["momentum"], momentum_style=group["momentum_style"],
+                foreach=group["foreach"], fused=group["fused"], idle_buffers=idle,
             )
         # Updated in place: torch.compile replays in-place dict mutations reliably, while a
         # rebinding of an optimizer attribute inside a compiled step is not reflected outside.
@@ -451,6 +480,8 @@ def _validate_group(group: dict[str, Any]) -> None:
         )
     if group["fused"] and group["foreach"]:
         raise ValueError("fused=True and foreach=True cannot both be set")
+    if group["fused"] and group["momentum_style"] == "port":
+        raise ValueError("momentum_style='port' has no fused kernel; leave fused=None")
 
 
 # ---------------------------------------------------------------------- functional API + kernels
@@ -460,14 +491,13 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     )
 
 
-def _default_fused(params: list[torch.Tensor]) -> bool:
-    # torch._fused_sgd_ takes its gradient scale in float32, which would round the norm of a
-    # float64 model; float64 users get the exact foreach kernel by default. Under torch.compile
-    # the foreach kernel is chosen too: _fused_sgd_ with a tensor lr has no fake kernel, and
-    # inductor fuses the foreach ops into one loop anyway.
+def _default_fused(params: list[torch.Tensor], momentum_style: MomentumStyle) -> bool:
+    # Under torch.compile the foreach kernel is chosen: _fused_sgd_ with a tensor lr has no fake
+    # kernel, and inductor fuses the foreach ops into one loop anyway. The port's placement of
+    # the step size has no fused form.
     return (
-        _fused_supported(params)
-        and all(p.dtype != torch.float64 for p in params)
+        momentum_style == "matconvnet"
+        and _fused_supported(params)
         and not torch.compiler.is_compiling()
     )
 
@@ -480,81 +510,102 @@ def bpgrad(
     eta: torch.Tensor,
     grad_norm: torch.Tensor,
     ok: torch.Tensor,
+    rescale: torch.Tensor,
     weight_decay: float,
     momentum: float,
     momentum_style: MomentumStyle = "matconvnet",
     grad_scale: torch.Tensor | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
+    idle_buffers: list[torch.Tensor] | None = None,
 ) -> None:
     r"""Functional BPGrad update of one parameter group (the step size is already computed).
 
-    With :math:`S` the AMP gradient scale (1 without AMP) and :math:`n` = ``grad_norm``::
+    With :math:`S` the AMP gradient scale (1 without AMP), :math:`n` = ``grad_norm`` and
+    :math:`d = (g/S + \lambda p)/n` the paper's direction:
 
-        d = (grad / S + weight_decay * p) / n
-        matconvnet: buf = momentum * buf + d;       p -= eta * buf
-        port:       buf = momentum * buf + eta * d; p -= buf
+    * ``"matconvnet"`` style, :math:`\beta = \mu\beta + d,\ p \mathrel{-}= \eta\beta`. The
+      buffer is stored as :math:`b = n\,\beta` (times the norm of its latest step), which
+      turns the update into ``b = rescale*b; b = mu*b + (g/S + wd*p); p -= (eta/n)*b`` with
+      ``rescale = n_t / n_{t-1}``: exactly ``torch._fused_sgd_`` after one multiplication, with the
+      gradients left untouched. ``idle_buffers`` (parameters without a gradient this step) are
+      only rescaled, so their :math:`\beta` stays as it was, as in ``torch.optim.SGD``.
+    * ``"port"`` style, :math:`\beta = \mu\beta + \eta d,\ p \mathrel{-}= \beta`, stored as is.
 
-    (``buf = -v`` of the paper's notation). When ``ok`` is false nothing is changed.
+    (:math:`\beta = -v` of the paper's notation.) When ``ok`` is false nothing is changed.
     ``momentum_buffers`` is empty when ``momentum == 0``. ``foreach``/``fused`` as in
-    ``torch.optim``; ``None`` picks fused where supported (float16/bfloat16/float32 on
-    cpu/cuda/mps/xpu), else foreach.
+    ``torch.optim``; ``None`` picks fused for the matconvnet style on cpu/cuda/mps/xpu,
+    else foreach.
     """
+    idle = idle_buffers or []
     if fused is None and foreach is None:
-        fused = _default_fused(params)
+        fused = _default_fused(params, momentum_style)
         foreach = not fused
     if fused:
-        if not _fused_supported(params):
-            raise BPGradError("the fused BPGrad kernel needs floating-point params on "
-                              "cpu/cuda/mps/xpu; pass fused=False")
+        if momentum_style != "matconvnet" or not _fused_supported(params):
+            raise BPGradError("the fused BPGrad kernel needs momentum_style='matconvnet' and "
+                              "floating-point params on cpu/cuda/mps/xpu; pass fused=False")
         kernel = _fused_bpgrad
     elif foreach:
         kernel = _foreach_bpgrad
     else:
         kernel = _single_tensor_bpgrad
-    kernel(params, grads, momentum_buffers, eta=eta, grad_norm=grad_norm, ok=ok,
-           weight_decay=weight_decay, momentum=momentum, momentum_style=momentum_style,
-           grad_scale=grad_scale)
+    if momentum_style == "matconvnet" and idle:
+        torch._foreach_mul_(idle, rescale.to(idle[0].device))
+    if params:
+        kernel(params, grads, momentum_buffers, eta=eta, grad_norm=grad_norm, ok=ok,
+               rescale=rescale, weight_decay=weight_decay, momentum=momentum,
+               momentum_style=momentum_style, grad_scale=grad_scale)
 
 
-def _coefficients(
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, weight_decay: float,
-    momentum: float, grad_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # All masked by ``ok`` so that a skipped step multiplies the buffer by 1 and moves nothing.
-    scale = grad_norm if grad_scale is None else grad_norm * grad_scale.to(grad_norm)
-    grad_coef = torch.where(ok, 1.0 / scale, 0.0)
-    decay_coef = torch.where(ok, weight_decay / grad_norm, 0.0)
-    # Python scalars in torch.where would be materialised in float32: build them in the norm's dtype.
-    mom = torch.where(ok, torch.full_like(grad_norm, momentum), 1.0)
-    eta_ok = torch.where(ok, eta, 0.0)
-    return grad_coef, decay_coef, mom, eta_ok
+class _Coefficients:
+    """The per-step scalars of one group, masked by ``ok`` so that a skipped step is a no-op."""
+
+    def __init__(self, eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor,
+                 rescale: torch.Tensor, momentum: float, grad_scale: torch.Tensor | None) -> None:
+        zero = torch.zeros_like(grad_norm)
+        one = torch.ones_like(grad_norm)
+        inv_scale = one if grad_scale is None else 1.0 / grad_scale.to(grad_norm)
+        self.ok = ok
+        self.grad = torch.where(ok, inv_scale, zero)  # g -> g/S
+        self.step = torch.where(ok, eta / grad_norm, zero)  # matconvnet: p -= (eta/n) b
+        self.eta = torch.where(ok, eta, zero)
+        self.inv_norm = torch.where(ok, 1.0 / grad_norm, zero)
+        self.decay_momentum = torch.where(ok, torch.full_like(grad_norm, momentum) * rescale, one)
+        self.momentum = torch.where(ok, torch.full_like(grad_norm, momentum), one)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> _Coefficients:
+        out = object.__new__(_Coefficients)
+        for key, value in vars(self).items():
+            setattr(out, key, value.to(device) if key == "ok" else value.to(device, dtype))
+        return out
 
 
 def _single_tensor_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *,
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, weight_decay: float,
-    momentum: float, momentum_style: MomentumStyle, grad_scale: torch.Tensor | None,
+    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, rescale: torch.Tensor,
+    weight_decay: float, momentum: float, momentum_style: MomentumStyle,
+    grad_scale: torch.Tensor | None,
 ) -> None:
-    grad_coef, decay_coef, mom, eta_ok = _coefficients(
-        eta, grad_norm, ok, weight_decay, momentum, grad_scale)
+    coefs = _Coefficients(eta, grad_norm, ok, rescale, momentum, grad_scale)
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        gc, dc, m, e, okd = (t.to(p.device) for t in (grad_coef, decay_coef, mom, eta_ok, ok))
-        d = g * gc.to(g.dtype)
+        c = coefs.on(p.device, p.dtype)
+        u = g.to(p.dtype) * c.grad  # g/S, or 0 on a skipped step
         if weight_decay != 0.0:
-            d.addcmul_(p, dc.to(p.dtype))
-        d = torch.where(okd, d, 0.0)  # a non-finite gradient must not leak into the state
-        if momentum == 0.0:
-            p.addcmul_(d, -e.to(p.dtype))
-            continue
-        buf = bufs[i]
-        buf.mul_(m.to(buf.dtype))
+            u.add_(p, alpha=weight_decay)
+        u = torch.where(c.ok, u, 0.0)  # a non-finite gradient must not leak into the state
         if momentum_style == "port":
-            buf.addcmul_(d, e.to(buf.dtype))
-            p.sub_(buf * okd.to(p.dtype))
+            d = u * c.inv_norm
+            if momentum == 0.0:
+                p.addcmul_(d, -c.eta)
+                continue
+            bufs[i].mul_(c.momentum).addcmul_(d, c.eta)
+            p.addcmul_(bufs[i], -c.ok.to(p.dtype))
+        elif momentum == 0.0:
+            p.addcmul_(u, -c.step)
         else:
-            buf.add_(d)
-            p.addcmul_(buf, -e.to(p.dtype))
+            bufs[i].mul_(c.decay_momentum).add_(u)
+            p.addcmul_(bufs[i], -c.step)
 
 
 def _device_groups(
@@ -571,57 +622,53 @@ def _device_groups(
 
 def _foreach_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *,
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, weight_decay: float,
-    momentum: float, momentum_style: MomentumStyle, grad_scale: torch.Tensor | None,
+    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, rescale: torch.Tensor,
+    weight_decay: float, momentum: float, momentum_style: MomentumStyle,
+    grad_scale: torch.Tensor | None,
 ) -> None:
-    coefs = _coefficients(eta, grad_norm, ok, weight_decay, momentum, grad_scale)
+    coefs = _Coefficients(eta, grad_norm, ok, rescale, momentum, grad_scale)
     for (device, dtype), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
-        grad_coef, decay_coef, mom, eta_ok = (c.to(device=device, dtype=dtype) for c in coefs)
-        okd = ok.to(device)
-        d = torch._foreach_mul([g if g.dtype == dtype else g.to(dtype) for g in gs], grad_coef)
+        c = coefs.on(device, dtype)
+        u = torch._foreach_mul([g if g.dtype == dtype else g.to(dtype) for g in gs], c.grad)
         if weight_decay != 0.0:
-            torch._foreach_add_(d, torch._foreach_mul(ps, decay_coef))
-        # No foreach `where`: one masked copy per tensor keeps a non-finite gradient out of the
-        # state on skipped steps (a multiplication by 0 would turn inf into NaN).
-        d = tuple(torch.where(okd, t, 0.0) for t in d)
-        if momentum == 0.0:
-            torch._foreach_add_(ps, torch._foreach_mul(d, -eta_ok))
-            continue
-        torch._foreach_mul_(bs, mom)
+            torch._foreach_add_(u, ps, alpha=weight_decay)
+        # There is no foreach `where`: one masked copy per tensor keeps a non-finite gradient
+        # out of the state on a skipped step (multiplying by 0 would turn inf into NaN).
+        u = tuple(torch.where(c.ok, t, 0.0) for t in u)
         if momentum_style == "port":
-            torch._foreach_add_(bs, torch._foreach_mul(d, eta_ok))
-            torch._foreach_add_(ps, torch._foreach_mul(bs, -okd.to(dtype)))
+            torch._foreach_mul_(u, c.inv_norm)
+            if momentum == 0.0:
+                torch._foreach_add_(ps, torch._foreach_mul(u, -c.eta))
+                continue
+            torch._foreach_mul_(bs, c.momentum)
+            torch._foreach_add_(bs, torch._foreach_mul(u, c.eta))
+            torch._foreach_add_(ps, torch._foreach_mul(bs, -c.ok.to(dtype)))
+        elif momentum == 0.0:
+            torch._foreach_add_(ps, torch._foreach_mul(u, -c.step))
         else:
-            torch._foreach_add_(bs, d)
-            torch._foreach_add_(ps, torch._foreach_mul(bs, -eta_ok))
+            torch._foreach_mul_(bs, c.decay_momentum)
+            torch._foreach_add_(bs, u)
+            torch._foreach_add_(ps, torch._foreach_mul(bs, -c.step))
 
 
 def _fused_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *,
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, weight_decay: float,
-    momentum: float, momentum_style: MomentumStyle, grad_scale: torch.Tensor | None,
+    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, rescale: torch.Tensor,
+    weight_decay: float, momentum: float, momentum_style: MomentumStyle,
+    grad_scale: torch.Tensor | None,
 ) -> None:
-    # torch._fused_sgd_ computes buf = momentum*buf + grad/grad_scale; p -= lr*buf in one pass
-    # and skips everything when found_inf != 0. BPGrad's direction (g/S + wd p)/n is that with
-    # grad_scale = S*n once wd*S*p has been added to the gradient.
+    # torch._fused_sgd_ computes, in one pass, u = g/grad_scale + wd*p; buf = momentum*buf + u;
+    # p -= lr*buf, and does nothing when found_inf != 0. With the buffer stored times the norm,
+    # that is BPGrad with lr = eta/n after the buffer has been moved to this step's norm.
+    del momentum_style  # always "matconvnet" here (checked by the dispatcher)
     skip = (~ok).to(torch.float32)
-    for (device, dtype), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
-        if weight_decay != 0.0:
-            if grad_scale is None:
-                torch._foreach_add_(gs, ps, alpha=weight_decay)
-            else:
-                torch._foreach_add_(gs, torch._foreach_mul(ps, grad_scale.to(device, dtype)
-                                                          * weight_decay))
-        denom = grad_norm if grad_scale is None else grad_norm * grad_scale.to(grad_norm)
-        if momentum_style == "port" and momentum != 0.0:
-            # buf = mu*buf + eta*d; p -= buf  ==  fused with grad_scale = S*n/eta and lr = 1.
-            denom = denom / eta
-            lr = torch.ones((), device=device, dtype=eta.dtype)
-        else:
-            lr = eta.to(device)
+    lr = torch.where(ok, eta / grad_norm, 0.0)
+    for (device, _), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
+        if momentum != 0.0:
+            torch._foreach_mul_(bs, rescale.to(device, bs[0].dtype))
         torch._fused_sgd_(
-            ps, gs, bs if momentum != 0.0 else [], weight_decay=0.0, momentum=momentum, lr=lr,
-            dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-            grad_scale=denom.to(device=device, dtype=torch.float32),
+            ps, gs, bs if momentum != 0.0 else [], weight_decay=weight_decay, momentum=momentum,
+            lr=lr.to(device), dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+            grad_scale=None if grad_scale is None else grad_scale.to(device, torch.float32),
             found_inf=skip.to(device),
         )
