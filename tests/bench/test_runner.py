@@ -37,7 +37,7 @@ def problem() -> ToyBlobs:
 
 
 @pytest.fixture(scope="module")
-def splits(problem: ToyBlobs):  # type: ignore[no-untyped-def]
+def splits(problem: ToyBlobs):
     return problem.load()
 
 
@@ -195,3 +195,38 @@ def test_closure_optimizer_runs(tmp_path: Path, problem, splits) -> None:
                     splits=splits, options=QUIET)
     assert out.status == "finished"
     assert out.summary["final"]["train_loss"] is not None
+
+
+def test_bpgrad_eta_log_matches_a_bare_training_loop(tmp_path: Path, problem, splits) -> None:
+    # The runner's trajectory must be the one a plain loop produces: same init, same data
+    # order, same steps; its logged eta_t and grad norm are the optimizer's own stats.
+    from bpgrad import BPGrad
+    from bpgrad.bench.runner import seed_everything
+
+    resolved = resolve_optimizer("bpgrad", swept={"objective": "epoch_mean"})
+    budget = Budget(2, limit_train_batches=4)
+    out = run_trial(problem, resolved, 3, budget, out=tmp_path, splits=splits, options=QUIET)
+    trial = parse_trial(out.path)
+
+    seed_everything(3)
+    model = problem.make_model(3)
+    opt = BPGrad(model.parameters(), lipschitz=50.0, rho=0.1, momentum=0.9, weight_decay=5e-4,
+                 objective="epoch_mean")
+    etas, norms, losses = [], [], []
+    for epoch in (1, 2):
+        opt.start_epoch()
+        model.train()
+        order = epoch_order(len(splits.train), 3, epoch)
+        for b in range(4):
+            idx = order[b * problem.batch_size:(b + 1) * problem.batch_size]
+            opt.zero_grad()
+            loss = problem.loss(model(splits.train.inputs[idx]), splits.train.targets[idx])
+            loss.backward()
+            opt.step(loss=loss.detach())
+            losses.append(float(loss.detach()))
+            etas.append(float(opt.stats["eta"]))
+            norms.append(float(opt.stats["grad_norm"]))
+    assert trial.loss == losses
+    assert trial.series["eta"] == etas
+    assert trial.series["grad_norm"] == norms
+    assert all(e > 0 for e in etas)

@@ -22,6 +22,7 @@ Definitions
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +278,9 @@ def _band(label: str, xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float
         return None
     arr = np.array([[np.nan if v is None else float(v) for v in y[:n]] for y in ys],
                    dtype=np.float64)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # Points where every seed is missing (a diverged run) give NaN, on purpose.
+        warnings.simplefilter("ignore", RuntimeWarning)
         # nanmean: a seed's missing value at one point does not erase the others
         mean = np.nanmean(arr, axis=0) if arr.shape[0] > 1 else arr[0]
         std = np.nanstd(arr, axis=0, ddof=1) if arr.shape[0] > 1 else np.zeros(n)

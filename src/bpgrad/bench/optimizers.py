@@ -248,10 +248,14 @@ def _register_builtin() -> None:
         name="bpgrad",
         description="BPGrad with the paper's settings (L=50, rho=0.1, mu=0.9, wd=5e-4)",
         factory=_import_factory("bpgrad.optim", "BPGrad"),
-        defaults={"lipschitz": 50.0, "rho": 0.1, "momentum": 0.9, "weight_decay": wd},
+        # objective/momentum_style: the solver's defaults, recorded so that every trial file
+        # says which variant ran; objective="epoch_mean" is the official MatConvNet code's.
+        defaults={"lipschitz": 50.0, "rho": 0.1, "momentum": 0.9, "weight_decay": wd,
+                  "objective": "minibatch", "momentum_style": "matconvnet"},
         module="bpgrad.optim", distribution="bpgrad",
         needs_loss=True, epoch_hook=True, lr_key=None, paper=True,
-        notes="learning-rate free; sweep `lipschitz` with --sweep lipschitz=10,50,200",
+        notes="learning-rate free; sweep `lipschitz` with --sweep lipschitz=10,50,200; "
+              "--set bpgrad.objective=epoch_mean for the official code's objective",
     ))
     # torch.optim documented defaults (2.13), plus the paper's momentum 0.9 for SGD.
     torch_specs: list[tuple[str, str, str, dict[str, Any]]] = [

@@ -1,0 +1,81 @@
+"""Analysis on the committed fixture run (numbers chosen by hand in make_fixtures.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bpgrad.bench.analysis import (
+    Stat,
+    analyse,
+    epoch_curves,
+    format_run_tables,
+    loss_curves,
+    series_curves,
+)
+
+RUN = Path(__file__).parent / "fixtures" / "run_small"
+
+
+@pytest.fixture(scope="module")
+def an():
+    return analyse(RUN)
+
+
+def _row(an, label: str):
+    (row,) = [r for r in an.rows if r.label == label]
+    return row
+
+
+def test_mean_and_sample_std_over_seeds(an) -> None:
+    alpha = _row(an, "alpha")
+    assert alpha.seeds == [0, 1] and alpha.n_diverged == 0
+    assert alpha.final_test_accuracy.mean == pytest.approx(0.85)
+    assert alpha.final_test_accuracy.std == pytest.approx(math.sqrt(0.005))
+    assert alpha.best_test_accuracy.mean == pytest.approx((0.92 + 0.80) / 2)
+    assert alpha.final_train_loss.mean == pytest.approx(0.8)
+
+
+def test_diverged_seeds_are_counted_not_averaged(an) -> None:
+    gamma = _row(an, "gamma")
+    assert gamma.n_diverged == 1 and gamma.n_finished == 1
+    assert gamma.final_test_accuracy == Stat(0.6, 0.0, 1)
+
+
+def test_default_target_and_steps_to_target(an) -> None:
+    alpha = _row(an, "alpha")
+    # best mean final test accuracy is beta@lr=0.1's 0.95 -> target 0.9025
+    assert alpha.target == pytest.approx(0.95 * 0.95)
+    assert alpha.n_reached == 1  # seed 0 at epoch 1 (0.92); seed 1 never
+    assert alpha.steps_to_target.mean == 3 and alpha.time_to_target.mean == 11.0
+    explicit = analyse(RUN, target=0.5)
+    assert _row(explicit, "alpha").n_reached == 2
+
+
+def test_sweep_selection_uses_validation_not_test(an) -> None:
+    (sel,) = an.selections
+    assert (sel.name, sel.chosen, sel.metric) == ("beta", "beta@lr=0.01", "final_valid_accuracy")
+    assert sel.scores == {"beta@lr=0.1": pytest.approx(0.70), "beta@lr=0.01": pytest.approx(0.75)}
+    labels = [r.label for r in an.rows_for("fixture_problem", selected_only=True)]
+    assert "beta@lr=0.01" in labels and "beta@lr=0.1" not in labels
+    assert len(an.rows_for("fixture_problem")) == 5
+
+
+def test_curves(an) -> None:
+    (alpha,) = loss_curves(an.trials, labels=["alpha"])
+    assert alpha.x[:3] == [1, 2, 3] and alpha.mean[0] == 2.0 and alpha.std[0] == 0.0
+    (gamma,) = loss_curves(an.trials, labels=["gamma"])
+    assert gamma.mean[2] == 1.0  # the diverged seed's null is skipped, not propagated
+    errors = {c.label: c for c in epoch_curves(an.trials, "test_error")}
+    assert errors["alpha"].x == [0.0, 1.0, 2.0]
+    assert errors["alpha"].mean[2] == pytest.approx(0.15)
+    assert [c.label for c in series_curves(an.trials, "eta")] == ["delta"]
+
+
+def test_text_table_lists_every_selected_row(an) -> None:
+    text = format_run_tables(an, style="text")
+    assert "85.00 ± 7.07" in text  # alpha, in percent
+    assert "beta@lr=0.01 (selected)" in text
+    assert "chosen on the validation split" in text
