@@ -54,12 +54,13 @@ def plain_loop(
     *, epochs: int, accum: int = 1, autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     scheduler: Callable[[BPGrad], Any] | None = None, max_steps: int | None = None,
-    batch: int = BATCH,
+    batch: int = BATCH, short_window_divisor: str = "accum",
 ) -> Reference:
     """Train ``make_net()`` on ``make_data()`` in order; BPGrad sees the mean micro-batch loss.
 
-    A window that the epoch cuts short still divides by ``accum`` (Lightning's, Accelerate's
-    rule), and the loss handed to BPGrad is the sum of what went into ``backward``.
+    A window that the epoch cuts short divides by ``accum`` (Lightning's and Accelerate's rule,
+    ``short_window_divisor="accum"``) or by its own length (the HF Trainer's, ``"len"``); the
+    loss handed to BPGrad is the sum of what went into ``backward``.
     """
     net = make_net()
     opt = BPGrad(net.parameters(), **OPT_KWARGS)
@@ -70,10 +71,14 @@ def plain_loop(
     for _ in range(epochs):
         total: torch.Tensor | None = None
         for i, (xb, yb) in enumerate(data):
+            start = i - i % accum
+            divisor = accum
+            if short_window_divisor == "len":
+                divisor = min(accum, len(data) - start)
             ctx = (torch.autocast("cpu", dtype=autocast) if autocast is not None
                    else contextlib.nullcontext())
             with ctx:
-                loss = F.cross_entropy(net(xb), yb) / accum
+                loss = F.cross_entropy(net(xb), yb) / divisor
             (scaler.scale(loss) if scaler is not None else loss).backward()
             part = loss.detach().float()
             total = part if total is None else total + part

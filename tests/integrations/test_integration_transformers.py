@@ -1,0 +1,148 @@
+"""BPGrad under the HF Transformers Trainer equals the plain loop.
+
+Needs the ``integrations`` extra; a missing ``transformers`` is an import error, not a skip.
+No network: the models are built from code / configs, never downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from integ_helpers import OPT_KWARGS, assert_same_training, make_data, make_net, plain_loop
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+from bpgrad import BPGrad
+from bpgrad.integrations.transformers import BPGradTrainer
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_net()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = make_data()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def args(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
+    base: dict[str, Any] = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True,
+        train_sampling_strategy="sequential", report_to="none", save_strategy="no",
+        logging_steps=1, max_grad_norm=0.0, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kwargs)
+    return TrainingArguments(**base)
+
+
+def step_lr(opt: BPGrad) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def test_trainer_accumulation_scheduler_and_logging(tmp_path: Path) -> None:
+    # 12 batches per epoch, accumulation 5: windows of 5, 5 and 2 (divided by 2: HF's rule).
+    model = Net()
+    opt = BPGrad(model.parameters(), **OPT_KWARGS)
+    trainer = BPGradTrainer(
+        model=model, train_dataset=Rows(), optimizers=(opt, step_lr(opt)),
+        args=args(tmp_path, num_train_epochs=2, gradient_accumulation_steps=5,
+                  report_to="tensorboard"),
+    )
+    trainer.train()
+    ref = plain_loop(epochs=2, accum=5, scheduler=step_lr, short_window_divisor="len")
+    assert_same_training(model.net, opt, ref)
+    assert opt.param_groups[0]["lr"] == ref.opt.param_groups[0]["lr"] < 1.0
+    # the Trainer's logs (log_history and TensorBoard) carry BPGrad's eta of every step
+    logged = [row["bpgrad/eta"] for row in trainer.state.log_history if "bpgrad/eta" in row]
+    assert logged == pytest.approx(ref.etas, rel=1e-5)
+    assert logged[-1] == float(opt.stats["eta"])
+    last = [row for row in trainer.state.log_history if "bpgrad/eta" in row][-1]
+    assert last["bpgrad/running_min"] == float(opt.stats["running_min"])
+    assert last["bpgrad/grad_norm"] == float(opt.stats["grad_norm"])
+    event_file = next(tmp_path.glob("**/events.out.tfevents.*"))
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    tag = next(t for t in events.Tags()["scalars"] if t.endswith("bpgrad/eta"))
+    assert [e.value for e in events.Scalars(tag)] == pytest.approx(ref.etas, rel=1e-5)
+
+
+def test_trainer_bf16(tmp_path: Path) -> None:
+    model = Net()
+    opt = BPGrad(model.parameters(), **OPT_KWARGS)
+    trainer = BPGradTrainer(model=model, train_dataset=Rows(), optimizers=(opt, None),
+                            args=args(tmp_path, num_train_epochs=1, bf16=True,
+                                      gradient_accumulation_steps=2,
+                                      lr_scheduler_type="constant"))
+    trainer.train()
+    ref = plain_loop(epochs=1, accum=2, autocast=torch.bfloat16, short_window_divisor="len")
+    assert_same_training(model.net, opt, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_resume_continues_identically(tmp_path: Path) -> None:
+    def trainer_for(out: Path) -> tuple[Net, BPGrad, BPGradTrainer]:
+        model = Net()
+        opt = BPGrad(model.parameters(), **OPT_KWARGS)
+        trainer = BPGradTrainer(
+            model=model, train_dataset=Rows(), optimizers=(opt, step_lr(opt)),
+            args=args(out, max_steps=8, gradient_accumulation_steps=2, save_strategy="steps",
+                      save_steps=3, logging_steps=100),
+        )
+        return model, opt, trainer
+
+    full_model, full_opt, full = trainer_for(tmp_path / "full")
+    full.train()
+    model, opt, trainer = trainer_for(tmp_path / "resumed")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for p, q in zip(model.parameters(), full_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+    for key in ("steps", "running_min", "eta", "skipped_steps"):
+        torch.testing.assert_close(opt.stats[key], full_opt.stats[key], atol=0, rtol=0)
+    assert float(opt.stats["steps"]) == 8.0
+    assert opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
+
+
+def test_token_averaged_loss_of_a_language_model(tmp_path: Path) -> None:
+    # A tiny GPT-2 takes the Trainer's num_items_in_batch: each micro-batch loss is its token-loss
+    # sum over the token count of the whole accumulated batch. The sum BPGrad gets is then the
+    # mean token loss of the effective batch: that of one forward pass over all 8 sequences.
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    # transformers 5.24 derives loss_type from the class name, which for GPT2LMHeadModel is None:
+    # the Trainer then does not know that the loss shifts the labels and counts position 0 too,
+    # so gradient and loss come out 11/12 of the token mean. Tell it, as a real user should.
+    model.loss_type = "ForCausalLM"
+    ids = torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    initial = GPT2LMHeadModel(config)
+    initial.load_state_dict(model.state_dict())
+    opt = BPGrad(model.parameters(), lipschitz=50.0)
+    trainer = BPGradTrainer(model=model, train_dataset=rows, optimizers=(opt, None),
+                            args=args(tmp_path, max_steps=1, gradient_accumulation_steps=4,
+                                      per_device_train_batch_size=2,
+                                      lr_scheduler_type="constant"))
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs
+    with torch.no_grad():
+        expected = initial(input_ids=ids[:8], labels=ids[:8]).loss
+    assert float(opt.stats["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(opt.stats["steps"]) == 1.0
