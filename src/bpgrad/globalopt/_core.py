@@ -108,11 +108,30 @@ class _Samples:
 
     def lower_at(self, y: FloatArray, L: float) -> float:
         """max_i f_i - L ||y - x_i||: y lies in a pruning ball iff this exceeds f̂*."""
+        return self.lower_arg(y, L)[0]
+
+    def lower_arg(self, y: FloatArray, L: float) -> tuple[float, int]:
+        """``lower_at`` and the sample attaining it (the ball that holds y, if any)."""
         if self.n == 0:
-            return -math.inf
+            return -math.inf, -1
         diff = self.X[: self.n] - y
-        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        return float(np.max(self.Fb[: self.n] - L * dist))
+        vals = self.Fb[: self.n] - L * np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        j = int(np.argmax(vals))
+        return float(vals[j]), j
+
+    def bound_from(
+        self, lo: FloatArray, hi: FloatArray, L: float, cand: NDArray[np.int64]
+    ) -> tuple[float, NDArray[np.int64]]:
+        """Like ``box_terms`` but over candidate samples only: O(K d) instead of O(n d)."""
+        cand = np.unique(cand[cand >= 0])
+        terms = np.full(_K_TERMS, -1, dtype=np.int64)
+        if cand.size == 0:
+            return -math.inf, terms
+        far = np.maximum(np.abs(self.X[cand] - lo), np.abs(self.X[cand] - hi))
+        vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far))
+        order = np.argsort(-vals)[:_K_TERMS]
+        terms[: order.size] = cand[order]
+        return float(vals[order[0]]), terms
 
     def box_terms(
         self, lo: FloatArray, hi: FloatArray, L: float
@@ -301,7 +320,9 @@ class _Tree:
         heapq.heapify(self.heap)
         self.by_size = {}
         for i in live:
-            self.push_size(int(i))
+            c = int(self.center[i])
+            if c >= 0 and math.isfinite(S.F[c]):
+                self.push_size(int(i))
 
     def lower_bound(self) -> float:
         top = self.peek()
@@ -668,7 +689,11 @@ class _Run:
             T.pruned_min = min(T.pruned_min, float(T.bound[c]))
         else:
             T.push(c)
-            T.push_size(c)
+            # Only cells with a finite centre value compete in the DIRECT-style hull; the others
+            # (centre inside a ball, or NaN) are divided only when the hull is empty, so a
+            # known L never spends time dividing cells that it cannot evaluate.
+            if i >= 0 and math.isfinite(self.S.F[i]):
+                T.push_size(c)
 
     def _refresh_L(self) -> None:
         if self.L_dirty:

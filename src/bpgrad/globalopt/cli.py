@@ -7,6 +7,7 @@ import importlib
 import importlib.util as ilu
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,10 +47,12 @@ def load_function(spec: str) -> Callable[..., Any]:
 def parse_bounds_text(texts: list[str]) -> list[tuple[float, float]]:
     """``["-5,10", "0,15"]`` or ``["-5:10", "0:15"]`` -> ``[(-5, 10), (0, 15)]``.
 
-    One item ``LOW,HIGH*D`` (e.g. ``-5,5*3``) repeats a pair D times.
+    One item ``LOW,HIGH*D`` (e.g. ``-5,5*3``) repeats a pair D times; items may also be given
+    in one string separated by spaces or ``;``.
     """
     out: list[tuple[float, float]] = []
-    for t in texts:
+    items = [t for text in texts for t in text.replace(";", " ").split()]
+    for t in items:
         rep = 1
         if "*" in t:
             t, _, r = t.partition("*")
@@ -135,4 +138,6 @@ def register(subparsers: Any) -> None:
         help="write a picture of the run (2-D only; .png or .svg)",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    # Let "-4,10" be a value, not an option: this parser has no options that look like numbers.
+    p._negative_number_matcher = re.compile(r"^-[\d.]")
     p.set_defaults(func=_run)
