@@ -139,6 +139,36 @@ def test_16_mixed_without_callback_fails_loudly(tmp_path: Path) -> None:
         trainer.fit(Classifier(scheduler=False))
 
 
+class ManualClassifier(Classifier):
+    def __init__(self) -> None:
+        super().__init__(scheduler=False)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.manual_backward(loss)
+        opt.step()  # bare: the callback's hook hands BPGrad the loss
+        opt.zero_grad()
+        return loss
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_manual_optimization(tmp_path: Path, precision: str) -> None:
+    model = ManualClassifier()
+    plugins = []
+    if precision == "16-mixed":
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    trainer = make_trainer(tmp_path, max_epochs=1, logger=False, plugins=plugins)
+    trainer.fit(model)
+    if precision == "16-mixed":
+        ref = plain_loop(epochs=1, autocast=torch.float16, scaler=torch.amp.GradScaler("cpu"))
+        assert_same_training(model.net, trainer.optimizers[0], ref, atol=1e-5, rtol=1e-4)
+    else:
+        assert_same_training(model.net, trainer.optimizers[0], plain_loop(epochs=1))
+
+
 def test_checkpoint_resume_continues_identically(tmp_path: Path) -> None:
     full = Classifier()
     make_trainer(tmp_path / "full", max_epochs=4, accumulate_grad_batches=5,
