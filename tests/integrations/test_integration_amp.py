@@ -137,7 +137,16 @@ def test_loss_hook_paths() -> None:
     # positional closure with nothing added: the closure's value is used
     opt.step(lambda: backward())
     assert float(opt.stats["steps"]) == 3.0
+    # a pending sum survives a state_dict round trip (mid-window checkpoints)
+    hook.add(torch.tensor(0.25))
+    hook.add(torch.tensor(0.5, dtype=torch.bfloat16))
+    other = LossHook(BPGrad(make_net().parameters(), **OPT_KWARGS))
+    other.load_state_dict(hook.state_dict())
+    assert other.count == 2 and float(other.pending) == 0.75
+    assert other.pending.dtype == torch.float32
+    other.remove()
     hook.remove()
+    assert hook.pending is None
     backward()
     hook.add(1.0)  # no longer registered: has no effect
     with pytest.raises(MissingLossError):

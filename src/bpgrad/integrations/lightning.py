@@ -121,7 +121,12 @@ class BPGradCallback(pl.Callback):
         return {"hooks": [hook.state_dict() for hook in self.hooks]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = list(state_dict.get("hooks", []))
+        restored = list(state_dict.get("hooks", []))
+        if self.hooks:  # strategies that restore callbacks after on_fit_start
+            for hook, state in zip(self.hooks, restored, strict=False):
+                hook.load_state_dict(state)
+        else:
+            self._restored = restored
 
 
 def _scale_tensor(scaler: Any) -> torch.Tensor:
