@@ -1,6 +1,6 @@
 """Bookkeeping overhead of ``bpgrad.minimize`` per evaluation, for 10^3-10^5 evaluations.
 
-Runs a cheap objective (Rastrigin, ~5 µs per call) with ``polish=False`` so every evaluation is a
+Runs a cheap objective (Rastrigin, ~15 µs per call) with ``polish=False`` so every evaluation is a
 global sample, measures total wall time and subtracts the objective's own time (timed in a
 separate loop over the same points). Usage::
 
