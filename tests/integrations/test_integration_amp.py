@@ -189,3 +189,14 @@ def test_metrics_per_group() -> None:
     opt.step(loss=loss)
     m = bpgrad_metrics(opt)
     assert float(m["bpgrad/eta_group1"]) == pytest.approx(0.5 * float(m["bpgrad/eta_group0"]))
+
+
+def test_importing_bpgrad_imports_no_framework() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bpgrad, bpgrad.integrations, bpgrad.integrations.accelerate; "
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', "
+            "'accelerate', 'tensorboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
