@@ -108,3 +108,24 @@ def test_list_shows_problems_and_optimizers(capsys) -> None:
     assert main(["compare", "--list"]) == 0
     printed = capsys.readouterr().out
     assert "toy_blobs" in printed and "bpgrad" in printed and "rmsprop" in printed
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "benchmarks").glob("*.toml")), ids=lambda p: p.name
+)
+def test_shipped_configs_parse_and_expand(path: Path) -> None:
+    from bpgrad.bench.config import config_from_mapping, expand_trials, load_toml
+
+    cfg = config_from_mapping(load_toml(path), source=str(path))
+    trials = expand_trials(cfg)
+    assert trials and str(cfg.out).startswith("runs/")
+    assert {t.seed for t in trials} == set(cfg.seeds)
+
+
+def test_demo_config_is_the_paper_six_at_a_small_budget() -> None:
+    from bpgrad.bench.config import config_from_mapping, load_toml
+
+    cfg = config_from_mapping(load_toml(Path(__file__).parents[2] / "benchmarks" / "demo.toml"))
+    assert cfg.problems == ["mnist_lenet"] and cfg.out == Path("runs/demo")
+    assert cfg.optimizers == ["bpgrad", "sgd", "adam", "adagrad", "adadelta", "rmsprop"]
+    assert cfg.epochs == 1 and cfg.limit_train_batches is not None

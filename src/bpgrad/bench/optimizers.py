@@ -16,6 +16,7 @@ with a message that names the extra to install.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -86,10 +87,16 @@ class OptimizerSpec:
 
     def version(self) -> str | None:
         """Installed version of the optimizer's distribution, if known."""
-        try:
-            return importlib.metadata.version(self.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+        return _distribution_version(self.distribution)
+
+
+@functools.cache
+def _distribution_version(distribution: str) -> str | None:
+    # Cached: reading package metadata costs milliseconds, and versions do not change mid-run.
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}

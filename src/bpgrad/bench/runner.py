@@ -385,7 +385,9 @@ def run_trial(
     first_epoch, step, wall_time, train_time, resumes = 1, 0, 0.0, 0.0, 0
     resumed = False
     if existing and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # Loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the model
+        # and optimizer tensors to the parameters' device.
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
