@@ -67,9 +67,11 @@ def _host_readable(t: torch.Tensor) -> bool:
 
 
 def _scalar(value: float | torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
+    # torch.full fills on the device; torch.tensor(value, device=cuda) would copy from pageable
+    # host memory, which synchronises.
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(value, device=like.device, dtype=like.dtype)
+    return torch.full((), float(value), device=like.device, dtype=like.dtype)
 
 
 class BPGrad(Optimizer):
@@ -167,7 +169,9 @@ class BPGrad(Optimizer):
             strict=strict,
         )
         _validate_group(defaults)
-        self._pending_loss: torch.Tensor | float | None = None
+        # A dict, mutated in place: torch.compile traces dict mutations inside a compiled step,
+        # while rebinding an optimizer attribute there fails on some torch versions.
+        self._pending: dict[str, torch.Tensor | float] = {}
         self._last: dict[str, torch.Tensor] = {}
         super().__init__(params, defaults)
 
@@ -188,7 +192,7 @@ class BPGrad(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_pending_loss", None)
+        self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("_last", {})
 
     # ------------------------------------------------------------------ loss plumbing
@@ -198,7 +202,7 @@ class BPGrad(Optimizer):
         The value is consumed by the next step (so a stale loss is never reused) and is taken
         detached: BPGrad needs the value, not the graph.
         """
-        self._pending_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        self._pending["loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def start_epoch(self) -> None:
         """Start a new epoch for ``objective="epoch_mean"`` (resets the running mean, not the min).
@@ -329,8 +333,8 @@ class BPGrad(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         elif loss is None:
-            loss = self._pending_loss
-        self._pending_loss = None
+            loss = self._pending.get("loss")
+        self._pending.pop("loss", None)
         if loss is None:
             raise MissingLossError(
                 "BPGrad needs the loss value to set its step size. Call opt.step(closure) with a "
@@ -353,7 +357,7 @@ class BPGrad(Optimizer):
                 )
             f = loss.detach().reshape(()).to(device=like.device, dtype=like.dtype)
         else:
-            f = torch.tensor(float(loss), device=like.device, dtype=like.dtype)
+            f = _scalar(float(loss), like=like)
         f = reduce_loss(f, first["distributed_loss"])
         if first["loss_lower_bound"] != 0.0:
             f = f - first["loss_lower_bound"]
@@ -420,8 +424,12 @@ class BPGrad(Optimizer):
             self.param_groups, params_per_group, grads_per_group, bufs_per_group,
             idle_per_group, strict=True,
         ):
-            eta = _scalar(group["lr"], like=like) * (objective - group["rho"] * running_min)
-            eta = eta / _scalar(group["lipschitz"], like=like)
+            lr, lipschitz = group["lr"], group["lipschitz"]
+            eta = (objective - group["rho"] * running_min)
+            if isinstance(lr, torch.Tensor) or isinstance(lipschitz, torch.Tensor):
+                eta = eta * _scalar(lr, like=like) / _scalar(lipschitz, like=like)
+            else:
+                eta = eta * (lr / lipschitz)
             etas.append(eta)
             if not params and not idle:
                 continue
@@ -495,10 +503,12 @@ def _default_fused(params: list[torch.Tensor], momentum_style: MomentumStyle) ->
     # Under torch.compile the foreach kernel is chosen: _fused_sgd_ with a tensor lr has no fake
     # kernel, and inductor fuses the foreach ops into one loop anyway. The port's placement of
     # the step size has no fused form.
+    # CUDA's _fused_sgd_ reads lr in float32, which would round the step of a float64 model.
     return (
         momentum_style == "matconvnet"
         and _fused_supported(params)
         and not torch.compiler.is_compiling()
+        and not any(p.is_cuda and p.dtype == torch.float64 for p in params)
     )
 
 
@@ -668,7 +678,8 @@ def _fused_bpgrad(
             torch._foreach_mul_(bs, rescale.to(device, bs[0].dtype))
         torch._fused_sgd_(
             ps, gs, bs if momentum != 0.0 else [], weight_decay=weight_decay, momentum=momentum,
-            lr=lr.to(device), dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+            # CUDA's kernel reads lr as float32 (the CPU one in the params' dtype).
+            lr=lr.to(device, torch.float32 if device.type == "cuda" else lr.dtype), dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
             grad_scale=None if grad_scale is None else grad_scale.to(device, torch.float32),
             found_inf=skip.to(device),
         )
