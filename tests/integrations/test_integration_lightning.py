@@ -188,13 +188,14 @@ class ManualSetLoss(ManualClassifier):
         return loss
 
 
-# BPGrad bugs, reported to the lead (src/bpgrad/optim is not ours to change). Without
-# BPGradCallback, manual optimization cannot pass the loss through Lightning's wrapper:
-# * set_loss: LightningOptimizer copies BPGrad's __dict__ when it wraps it, so set_loss stores
-#   _pending_loss on the wrapper and the real BPGrad.step raises MissingLossError;
-# * step(loss=...): Lightning always passes a (do-nothing) closure as well, and BPGrad raises
-#   "pass either a closure or loss=, not both".
-# strict=True: when BPGrad is fixed these pass and the marker must go.
+# BPGrad bug, reported to the lead (src/bpgrad/optim is not ours to change). Without
+# BPGradCallback, manual optimization cannot pass the loss: LightningOptimizer.step always hands
+# BPGrad a closure (Lightning's do-nothing closure, which returns None), and BPGrad.step
+# * uses only the closure's return value when a closure is given, ignoring set_loss
+#   (MissingLossError);
+# * refuses a closure together with loss= ("pass either a closure or loss=, not both").
+# Fix: when the closure returns None, fall back to loss= / set_loss. strict=True: when BPGrad is
+# fixed these pass and the marker must go.
 @pytest.mark.xfail(strict=True, raises=(MissingLossError, ValueError),
                    reason="BPGrad's loss plumbing through LightningOptimizer (see comment)")
 @pytest.mark.parametrize("how", ["set_loss", "loss_kwarg"])
