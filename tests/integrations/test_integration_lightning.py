@@ -188,16 +188,9 @@ class ManualSetLoss(ManualClassifier):
         return loss
 
 
-# BPGrad bug, reported to the lead (src/bpgrad/optim is not ours to change). Without
-# BPGradCallback, manual optimization cannot pass the loss: LightningOptimizer.step always hands
-# BPGrad a closure (Lightning's do-nothing closure, which returns None), and BPGrad.step
-# * uses only the closure's return value when a closure is given, ignoring set_loss
-#   (MissingLossError);
-# * refuses a closure together with loss= ("pass either a closure or loss=, not both").
-# Fix: when the closure returns None, fall back to loss= / set_loss. strict=True: when BPGrad is
-# fixed these pass and the marker must go.
-@pytest.mark.xfail(strict=True, raises=(MissingLossError, ValueError),
-                   reason="BPGrad's loss plumbing through LightningOptimizer (see comment)")
+# Without BPGradCallback, manual optimization passes the loss itself: LightningOptimizer.step
+# always hands BPGrad a closure that returns None, and BPGrad then takes the loss from loss= or
+# set_loss.
 @pytest.mark.parametrize("how", ["set_loss", "loss_kwarg"])
 def test_manual_optimization_without_callback(tmp_path: Path, how: str) -> None:
     model = ManualSetLoss(how)

@@ -402,8 +402,22 @@ def test_non_scalar_loss_and_closure_plus_loss_are_rejected() -> None:
     opt = BPGrad([p])
     with pytest.raises(ValueError, match="scalar loss"):
         opt.step(loss=torch.ones(3))
-    with pytest.raises(ValueError, match="either a closure or loss"):
+    with pytest.raises(ValueError, match="either a closure that returns the loss or loss="):
         opt.step(lambda: torch.tensor(1.0), loss=torch.tensor(1.0))
+
+
+def test_closure_returning_none_falls_back_to_loss_or_set_loss() -> None:
+    # Lightning's manual optimization wraps step with a closure that returns None.
+    calls = []
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = BPGrad([p], lipschitz=1.0, rho=0.0, momentum=0.0)
+    p.grad = torch.ones(2)
+    opt.step(lambda: calls.append(1), loss=0.5)
+    opt.set_loss(0.5)
+    opt.step(lambda: calls.append(1))
+    assert calls == [1, 1] and float(opt.stats["steps"]) == 2.0
+    with pytest.raises(MissingLossError):
+        opt.step(lambda: None)
 
 
 def test_param_groups_deepcopy_repr_and_global_options() -> None:

@@ -318,21 +318,29 @@ class BPGrad(Optimizer):
         """Take one BPGrad step.
 
         Args:
-            closure: re-evaluates the model, calls ``backward`` and returns the loss.
+            closure: re-evaluates the model, calls ``backward`` and returns the loss. A closure
+                that returns ``None`` (wrappers such as Lightning's manual optimization pass one)
+                is run, and the loss is then taken from ``loss=`` or ``set_loss``.
             loss: the loss of the current minibatch (after you called ``backward``).
 
         Returns the loss that was used (the closure's return value, or ``loss``).
 
         Raises:
             MissingLossError: no closure, no ``loss=`` and no ``set_loss`` since the last step.
-            ValueError: both a closure and ``loss=`` given, or a non-scalar loss.
+            ValueError: a closure that returns a loss and ``loss=`` both given, or a non-scalar
+                loss.
         """
-        if closure is not None and loss is not None:
-            raise ValueError("pass either a closure or loss=, not both")
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                closure_loss = closure()
+        if closure_loss is not None:
+            if loss is not None:
+                raise ValueError("pass either a closure that returns the loss or loss=, not both")
+            loss = closure_loss
         elif loss is None:
+            # Also reached when a wrapper's closure returns None (Lightning's manual
+            # optimization passes one): the loss then comes from set_loss.
             loss = self._pending.get("loss")
         self._pending.pop("loss", None)
         if loss is None:
@@ -585,9 +593,15 @@ class _Coefficients:
         self.momentum = torch.where(ok, torch.full_like(grad_norm, momentum), one)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> _Coefficients:
+        # Attributes listed explicitly: torch.compile (2.11) cannot trace vars(self).items().
         out = object.__new__(_Coefficients)
-        for key, value in vars(self).items():
-            setattr(out, key, value.to(device) if key == "ok" else value.to(device, dtype))
+        out.ok = self.ok.to(device)
+        out.grad = self.grad.to(device, dtype)
+        out.step = self.step.to(device, dtype)
+        out.eta = self.eta.to(device, dtype)
+        out.inv_norm = self.inv_norm.to(device, dtype)
+        out.decay_momentum = self.decay_momentum.to(device, dtype)
+        out.momentum = self.momentum.to(device, dtype)
         return out
 
 
