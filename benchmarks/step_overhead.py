@@ -6,6 +6,7 @@ run are comparable), single thread by default, median of ``--steps`` timed steps
     python benchmarks/step_overhead.py                     # both parameter sets, 1 thread
     python benchmarks/step_overhead.py --device cuda       # on a GPU (synchronised timings)
     python benchmarks/step_overhead.py --weight-decay 0    # the optimizer's default
+    python benchmarks/step_overhead.py --compile           # also torch.compile(opt.step)
 
 Parameter sets: the DeepOBS 2c2d network (3.27 M parameters, 8 tensors) and ResNet-18 (11.7 M,
 62 tensors), gradients present. The port's algorithm is re-implemented here from its description
@@ -110,6 +111,13 @@ def _bpgrad(**kw: object) -> Factory:
     return make
 
 
+def _bpgrad_compiled(params: list[torch.Tensor], wd: float) -> Callable[[], object]:
+    opt = BPGrad(params, lipschitz=1e4, weight_decay=wd)
+    loss = torch.tensor(1.5, device=params[0].device)
+    # Warm-up steps (in time_steps) absorb the compilation.
+    return torch.compile(lambda: opt.step(loss=loss), fullgraph=True)
+
+
 def _torch(cls: type, **kw: object) -> Factory:
     def make(params: list[torch.Tensor], wd: float) -> Callable[[], object]:
         return cls(params, weight_decay=wd, **kw).step  # type: ignore[no-any-return]
@@ -142,10 +150,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weight-decay", type=float, default=5e-4,
                         help="the same for every optimizer (the paper's 5e-4 by default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(opt.step) (inductor; slow to build)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; the reported time is the median over rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:
+        CANDIDATES["bpgrad compiled (inductor)"] = _bpgrad_compiled
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
           f"median of {args.steps} steps x {args.rounds} interleaved rounds")
     for name, shapes in (("2c2d (DeepOBS)", shapes_2c2d()), ("ResNet-18", shapes_resnet18())):

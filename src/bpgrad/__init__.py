@@ -3,8 +3,17 @@ minimizer, and a comparison harness."""
 
 from __future__ import annotations
 
+from bpgrad.globalopt import OptimizeResult, minimize
 from bpgrad.optim import BPGrad, BPGradError, MissingLossError, bpgrad
 
 __version__ = "0.1.0"
 
-__all__ = ["BPGrad", "BPGradError", "MissingLossError", "__version__", "bpgrad"]
+__all__ = [
+    "BPGrad",
+    "BPGradError",
+    "MissingLossError",
+    "OptimizeResult",
+    "__version__",
+    "bpgrad",
+    "minimize",
+]
