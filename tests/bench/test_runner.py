@@ -230,3 +230,24 @@ def test_bpgrad_eta_log_matches_a_bare_training_loop(tmp_path: Path, problem, sp
     assert trial.series["eta"] == etas
     assert trial.series["grad_norm"] == norms
     assert all(e > 0 for e in etas)
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "schedulefree_adamw", "dog", "alig"])
+def test_peers_resume_exactly_from_weights_only_checkpoints(tmp_path: Path, problem, splits,
+                                                            name: str) -> None:
+    from bpgrad.bench.optimizers import get_optimizer_spec
+
+    pytest.importorskip(get_optimizer_spec(name).module)
+    opt, budget = resolve_optimizer(name), Budget(2, limit_train_batches=4)
+    ref = run_trial(problem, opt, 0, budget, out=tmp_path / "ref", splits=splits, options=QUIET)
+
+    def kill(epoch: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_trial(problem, opt, 0, budget, out=tmp_path / "cut", splits=splits, options=QUIET,
+                  on_epoch_end=kill)
+    resumed = run_trial(problem, opt, 0, budget, out=tmp_path / "cut", splits=splits,
+                        options=QUIET)
+    assert resumed.resumed
+    assert _series(resumed.path) == _series(ref.path)

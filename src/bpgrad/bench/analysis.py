@@ -55,6 +55,8 @@ class Stat:
         """``0.9812 ± 0.0013`` (or ``-`` without data)."""
         if self.mean is None or self.std is None:
             return "-"
+        if self.n == 1:
+            return f"{self.mean * scale:.{digits}f}"  # one seed: a spread of 0 would mislead
         return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
 
 
@@ -262,9 +264,15 @@ def select(rows: Sequence[Row]) -> list[Selection]:
 def analyse(run_dir: Path, *, target: float | None = None) -> Analysis:
     """Load every finished or diverged trial under ``run_dir`` and analyse it."""
     trials = load_trials(Path(run_dir), include_incomplete=True)
+    manifest = read_manifest(Path(run_dir))
     rows = summarize(trials, target=target)
+    # List optimizers in the order the run named them (when known), sweep variants by label.
+    named = list((manifest or {}).get("config", {}).get("optimizers", []))
+    problems = list(dict.fromkeys(r.problem for r in rows))
+    rows.sort(key=lambda r: (problems.index(r.problem),
+                             named.index(r.name) if r.name in named else len(named), r.label))
     selections = select(rows)
-    return Analysis(Path(run_dir), rows, selections, read_manifest(Path(run_dir)), trials)
+    return Analysis(Path(run_dir), rows, selections, manifest, trials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +354,7 @@ def series_curves(trials: Iterable[Trial], key: str, *, labels: Sequence[str] | 
 def _fmt_int_stat(s: Stat) -> str:
     if s.mean is None or s.std is None:
         return "-"
-    return f"{s.mean:.0f} ± {s.std:.0f}"
+    return f"{s.mean:.0f}" if s.n == 1 else f"{s.mean:.0f} ± {s.std:.0f}"
 
 
 def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:

@@ -162,6 +162,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from bpgrad.bench.problems.base import get_problem
 
         problems = {name: get_problem(name) for name in cfg.problems}
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    f"--device {cfg.device}: torch {torch.__version__} sees no CUDA device; "
+                    "use --device cpu or install a CUDA build of torch"
+                )
     except (ConfigError, HyperparameterError, MissingExtraError, UnknownOptimizerError) as exc:
         return _error("compare", str(exc))
     except KeyError as exc:  # unknown problem
