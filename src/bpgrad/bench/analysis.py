@@ -297,11 +297,11 @@ def _band(label: str, xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float
 
 
 def _by_label(trials: Iterable[Trial], labels: Sequence[str] | None) -> dict[str, list[Trial]]:
-    out: dict[str, list[Trial]] = {}
+    out: dict[str, list[Trial]] = {} if labels is None else {label: [] for label in labels}
     for t in trials:
         if labels is None or t.label in labels:
             out.setdefault(t.label, []).append(t)
-    return out
+    return {label: group for label, group in out.items() if group}
 
 
 def loss_curves(trials: Iterable[Trial], *, labels: Sequence[str] | None = None) -> list[Curve]:

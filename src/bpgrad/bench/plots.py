@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bpgrad.bench.analysis import Curve
 
@@ -77,6 +78,7 @@ def test_error_figure(curves: Sequence[Curve], *, title: str = "test error",
                       ylabel: str = "test error (1 - accuracy)") -> Figure:
     """Test error (or test loss) against epoch, band = ± std over seeds; epoch 0 is the init."""
     fig, ax = _figure(title, "epoch", ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _draw(ax, curves, marker="o")
     if curves:
         ax.legend(fontsize="small")

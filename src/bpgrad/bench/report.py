@@ -54,8 +54,8 @@ def _hyper_table(trials: list[Trial], labels: list[str]) -> str:
             opt = t.config["optimizer"]
             seen[t.label] = {"hp": opt.get("hyperparameters", {}),
                              "pkg": f"{opt.get('distribution')} {opt.get('version') or ''}"}
-    cells = [[label, ", ".join(f"{k}={v}" for k, v in info["hp"].items()), info["pkg"].strip()]
-             for label, info in seen.items()]
+    cells = [[label, ", ".join(f"{k}={v}" for k, v in seen[label]["hp"].items()),
+              seen[label]["pkg"].strip()] for label in labels if label in seen]
     return format_table(["optimizer", "hyperparameters", "package"], cells)
 
 
