@@ -502,8 +502,11 @@ def _validate_group(group: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- functional API + kernels
 def _fused_supported(params: list[torch.Tensor]) -> bool:
+    # DTensor (FSDP2) has no sharding rule for _fused_sgd_; its foreach ops are supported.
     return all(
-        p.device.type in ("cpu", "cuda", "mps", "xpu") and p.dtype.is_floating_point for p in params
+        p.device.type in ("cpu", "cuda", "mps", "xpu") and p.dtype.is_floating_point
+        and type(p).__name__ != "DTensor"
+        for p in params
     )
 
 
