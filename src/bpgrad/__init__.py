@@ -4,7 +4,7 @@ minimizer, and a comparison harness."""
 from __future__ import annotations
 
 from bpgrad.globalopt import OptimizeResult, minimize
-from bpgrad.optim import BPGrad, BPGradError, MissingLossError, bpgrad
+from bpgrad.optim import BPGrad, BPGradError, MissingLossError, bpgrad, estimate_lipschitz
 
 __version__ = "0.1.0"
 

@@ -13,6 +13,14 @@ Per step t, with f_t the objective value::
     matconvnet style:  v = momentum * v - d;        p = p + eta_t * v
     port style:        v = momentum * v - eta_t d;  p = p + v
 
+With ``lipschitz="auto"`` the constant is the online estimate (steps t = 0, 1, ... counted over
+the steps taken)::
+
+    M_t   = max(M_{t-1}, n_t)                              M_{-1} = 0
+    W_t   = F_0 / (auto_warmup * (1 + ||x_0||))   t = 0    x_0 = parameters at the first call
+          = auto_warmup_decay * W_{t-1}           t > 0    (W = 0 when auto_warmup = 0)
+    L_t   = max(M_t, W_t)
+
 where F_t is f_t (``objective="minibatch"``) or the mean of the f values since the last
 ``start_epoch()`` (``objective="epoch_mean"``). A step whose loss or gradient norm is not finite,
 or whose gradient norm is zero, changes nothing but the skipped-step counter.
@@ -30,7 +38,8 @@ class ReferenceBPGrad:
     """Oracle implementation over plain lists of parameter groups (dicts with ``params``)."""
 
     def __init__(self, param_groups: Iterable[dict], *, objective: str = "minibatch",
-                 loss_lower_bound: float = 0.0) -> None:
+                 loss_lower_bound: float = 0.0, auto_warmup: float = 1e-3,
+                 auto_warmup_decay: float = 0.95) -> None:
         self.param_groups = [dict(g) for g in param_groups]
         for g in self.param_groups:
             g["params"] = list(g["params"])
@@ -46,6 +55,12 @@ class ReferenceBPGrad:
         self.skipped = 0
         self.last_eta: list[float] = []
         self.last_norm = math.nan
+        self.auto_warmup = auto_warmup
+        self.auto_warmup_decay = auto_warmup_decay
+        self.grad_norm_max = 0.0
+        self.floor = 0.0
+        self.x0_norm: float | None = None
+        self.lipschitz_estimate = 0.0
 
     def start_epoch(self) -> None:
         self.epoch_sum = 0.0
@@ -56,6 +71,10 @@ class ReferenceBPGrad:
         f = float(loss) - self.loss_lower_bound
         if math.isfinite(f) and f < 0.0:
             raise ValueError("negative loss")
+        if self.x0_norm is None:
+            self.x0_norm = math.sqrt(sum(
+                float((p.detach().double().abs() ** 2).sum())
+                for g in self.param_groups for p in g["params"]))
         squares = 0.0
         for g in self.param_groups:
             for p in g["params"]:
@@ -73,9 +92,19 @@ class ReferenceBPGrad:
             big_f = f
         self.running_min = min(self.running_min, big_f)
         self.last_norm = norm
+        self.grad_norm_max = max(self.grad_norm_max, norm)
+        if self.auto_warmup > 0.0:
+            if self.steps == 0:
+                self.floor = big_f / (self.auto_warmup * (1.0 + self.x0_norm))
+            else:
+                self.floor = self.auto_warmup_decay * self.floor
+        self.lipschitz_estimate = max(self.grad_norm_max, self.floor)
         self.last_eta = []
         for g in self.param_groups:
-            eta = g["lr"] * (big_f - g["rho"] * self.running_min) / g["lipschitz"]
+            lipschitz = g["lipschitz"]
+            if lipschitz == "auto":
+                lipschitz = self.lipschitz_estimate
+            eta = g["lr"] * (big_f - g["rho"] * self.running_min) / lipschitz
             self.last_eta.append(eta)
             for p in g["params"]:
                 if p.grad is None:

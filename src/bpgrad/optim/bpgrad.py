@@ -43,12 +43,16 @@ MomentumStyle = Literal["matconvnet", "port"]
 
 # Optimizer-wide options: they must agree across parameter groups because the quantities they
 # shape (the objective value, its running min, the gradient norm) are global, not per group.
-_GLOBAL_OPTIONS = ("objective", "loss_lower_bound", "distributed_loss", "eps", "strict")
+_GLOBAL_OPTIONS = (
+    "objective", "loss_lower_bound", "distributed_loss", "eps", "strict", "auto_warmup",
+    "auto_warmup_decay",
+)
 
 # Keys of the optimizer-wide state, kept in the state of the first parameter so that one
 # ``state_dict()`` (keyed by parameter index, as FSDP/DCP tools expect) restores everything.
 _GLOBAL_STATE_KEYS = (
     "step", "skipped_steps", "running_min", "epoch_loss_sum", "epoch_loss_count", "buffer_scale",
+    "grad_norm_max", "lipschitz_floor", "lipschitz_estimate", "param_norm_init",
 )
 
 
@@ -161,12 +165,14 @@ class BPGrad(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         strict: bool = False,
+        auto_warmup: float = 1e-3,
+        auto_warmup_decay: float = 0.95,
     ) -> None:
         defaults = dict(
             lipschitz=lipschitz, rho=rho, momentum=momentum, weight_decay=weight_decay, lr=lr,
             momentum_style=momentum_style, foreach=foreach, fused=fused, objective=objective,
             loss_lower_bound=loss_lower_bound, distributed_loss=distributed_loss, eps=eps,
-            strict=strict,
+            strict=strict, auto_warmup=auto_warmup, auto_warmup_decay=auto_warmup_decay,
         )
         _validate_group(defaults)
         # A dict, mutated in place: torch.compile traces dict mutations inside a compiled step,
@@ -259,9 +265,11 @@ class BPGrad(Optimizer):
     def _global_state(self) -> dict[str, torch.Tensor]:
         anchor = self._anchor()
         state = self.state[anchor]
-        if "running_min" not in state:
-            device, dtype = anchor.device, self._scalar_dtype()
-            for key in _GLOBAL_STATE_KEYS:
+        # Per key, so that a checkpoint written before a key existed (e.g. the auto-L state)
+        # still loads and starts that key fresh.
+        device, dtype = anchor.device, self._scalar_dtype()
+        for key in _GLOBAL_STATE_KEYS:
+            if key not in state:
                 start = {"running_min": math.inf, "buffer_scale": 1.0}.get(key, 0.0)
                 state[key] = torch.full((), start, device=device, dtype=dtype)
         return state
@@ -355,7 +363,15 @@ class BPGrad(Optimizer):
 
     def _update(self, loss: torch.Tensor | float) -> None:
         first = self.param_groups[0]
+        fresh = "param_norm_init" not in self.state.get(self._anchor(), {})
         gstate = self._global_state()
+        if fresh:
+            # ||x_0|| for the auto-L warm-up floor, read once (on the device) at the first step.
+            every = [p for group in self.param_groups for p in group["params"]]
+            gstate["param_norm_init"].copy_(
+                squared_norm([torch.view_as_real(p.detach()) if torch.is_complex(p)
+                              else p.detach() for p in every], gstate["running_min"].device,
+                             gstate["running_min"].dtype).sqrt())
         like = gstate["running_min"]
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
@@ -427,12 +443,17 @@ class BPGrad(Optimizer):
         rescale = torch.where(ok, norm / gstate["buffer_scale"], 1.0)
         gstate["buffer_scale"].copy_(torch.where(ok, norm, gstate["buffer_scale"]))
 
+        lipschitz_hat = self._auto_lipschitz(gstate, ok=ok, norm=norm, objective=objective)
         etas = []
+        lipschitzes = []
         for group, params, grads, bufs, idle in zip(
             self.param_groups, params_per_group, grads_per_group, bufs_per_group,
             idle_per_group, strict=True,
         ):
             lr, lipschitz = group["lr"], group["lipschitz"]
+            if isinstance(lipschitz, str):  # "auto" (validated)
+                lipschitz = lipschitz_hat
+            lipschitzes.append(_scalar(lipschitz, like=like))
             eta = (objective - group["rho"] * running_min)
             if isinstance(lr, torch.Tensor) or isinstance(lipschitz, torch.Tensor):
                 eta = eta * _scalar(lr, like=like) / _scalar(lipschitz, like=like)
@@ -451,7 +472,39 @@ class BPGrad(Optimizer):
         # rebinding of an optimizer attribute inside a compiled step is not reflected outside.
         self._last.update(
             eta=etas[0], eta_groups=torch.stack(etas), grad_norm=norm, objective=objective, loss=f,
+            lipschitz=lipschitzes[0], lipschitz_groups=torch.stack(lipschitzes),
         )
+
+    def _auto_lipschitz(
+        self, gstate: dict[str, torch.Tensor], *, ok: torch.Tensor, norm: torch.Tensor,
+        objective: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""Update and return the online estimate :math:`\hat L_t` (``lipschitz="auto"``).
+
+        .. math::
+
+            M_t = \max(M_{t-1}, n_t), \qquad
+            W_t = W_0\,\gamma^{t}, \quad W_0 = \frac{F_0}{\varepsilon\,(1 + \|x_0\|)}, \qquad
+            \hat L_t = \max(M_t, W_t)
+
+        with :math:`n_t` this step's (global, unscaled, eps-free) gradient norm,
+        :math:`\varepsilon` = ``auto_warmup`` and :math:`\gamma` = ``auto_warmup_decay``. See
+        docs/lipschitz.md for the derivation. All on the device; skipped steps change nothing.
+        """
+        first = self.param_groups[0]
+        raw_norm = norm - first["eps"]
+        started = gstate["step"] > 1.0  # "step" already counts this step when ok
+        grad_norm_max = torch.where(ok, torch.maximum(gstate["grad_norm_max"], raw_norm),
+                                    gstate["grad_norm_max"])
+        if first["auto_warmup"] > 0.0:
+            w0 = objective / (first["auto_warmup"] * (1.0 + gstate["param_norm_init"]))
+            floor = torch.where(started, gstate["lipschitz_floor"] * first["auto_warmup_decay"],
+                                w0)
+            gstate["lipschitz_floor"].copy_(torch.where(ok, floor, gstate["lipschitz_floor"]))
+        estimate = torch.maximum(grad_norm_max, gstate["lipschitz_floor"])
+        gstate["grad_norm_max"].copy_(grad_norm_max)
+        gstate["lipschitz_estimate"].copy_(torch.where(ok, estimate, gstate["lipschitz_estimate"]))
+        return gstate["lipschitz_estimate"]
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -465,9 +518,23 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be a number, got {value!r}")
         return float(value)
 
-    lipschitz = number("lipschitz")
-    if not math.isnan(lipschitz) and not (lipschitz > 0 and math.isfinite(lipschitz)):
-        raise ValueError(f"lipschitz must be a finite number > 0, got {group['lipschitz']!r}")
+    if isinstance(group["lipschitz"], str):
+        if group["lipschitz"] != "auto":
+            raise ValueError(
+                f"lipschitz must be a number, a 0-dim tensor or 'auto', got {group['lipschitz']!r}"
+            )
+    else:
+        lipschitz = number("lipschitz")
+        if not math.isnan(lipschitz) and not (lipschitz > 0 and math.isfinite(lipschitz)):
+            raise ValueError(f"lipschitz must be a finite number > 0, got {group['lipschitz']!r}")
+    warmup = number("auto_warmup")
+    if not (warmup >= 0.0 and math.isfinite(warmup)):
+        raise ValueError(f"auto_warmup must be a finite number >= 0, got {group['auto_warmup']!r}")
+    decay = number("auto_warmup_decay")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(
+            f"auto_warmup_decay must lie in [0, 1), got {group['auto_warmup_decay']!r}"
+        )
     rho = number("rho")
     if not 0.0 <= rho < 1.0:
         raise ValueError(f"rho must lie in [0, 1), got {group['rho']!r}")
