@@ -329,6 +329,19 @@ def _register_builtin() -> None:
         needs_closure=True, lr_key="max_lr",
         notes="ALI-G has no weight decay (it regularises through a projection); none is applied",
     ))
+    register_optimizer(OptimizerSpec(
+        name="bpgrad_auto",
+        description="BPGrad with lipschitz='auto' (online L estimate), rho=0.1, mu=0.9, wd=5e-4",
+        factory=_import_factory("bpgrad.optim", "BPGrad"),
+        # lr multiplies the step, i.e. divides the estimate: --sweep lr=... is the
+        # multiplier study (L_used = L_hat / lr).
+        defaults={"lipschitz": "auto", "rho": 0.1, "momentum": 0.9, "weight_decay": wd,
+                  "objective": "minibatch", "momentum_style": "matconvnet", "lr": 1.0,
+                  "auto_warmup": 1e-3, "auto_warmup_decay": 0.95},
+        module="bpgrad.optim", distribution="bpgrad",
+        needs_loss=True, epoch_hook=True, lr_key=None,
+        notes="learning-rate free; L estimated online (docs/lipschitz.md)",
+    ))
 
 
 _register_builtin()
