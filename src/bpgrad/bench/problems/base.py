@@ -78,8 +78,9 @@ class Problem(abc.ABC):
     eval_batch_size: int = 1000
     #: one sentence on how the problem is evaluated (which splits, any augmentation, metrics)
     evaluation: str = (
-        "after each epoch: mean loss and accuracy over the full train, valid and test splits, "
-        "in eval mode, without augmentation"
+        "after each epoch: mean loss and accuracy over the full valid and test splits in eval "
+        "mode, without augmentation; train loss and accuracy are the means over the epoch's "
+        "minibatches in train mode"
     )
     #: where the problem comes from (paper, code, DeepOBS) and any deliberate deviation
     reference: str = ""

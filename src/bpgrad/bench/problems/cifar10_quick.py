@@ -89,8 +89,9 @@ class Cifar10Quick(Problem):
     epochs = 100
     has_accuracy = True
     validation_size = 5000
-    evaluation = ("after each epoch: mean loss and accuracy over the full train, valid and test "
-                  "splits, in eval mode, without the whole-batch flip used in training")
+    evaluation = ("after each epoch: mean loss and accuracy over the full valid and test splits, "
+                  "in eval mode, without the whole-batch flip used in training; train metrics "
+                  "are the means over the epoch's minibatches in train mode")
     reference = ("RyanCV/BPGrad cifar10_code (cnn_cifar_init.m, cnn_cifar_BPGrad.m); per-channel "
                  "standardisation instead of contrast normalisation + ZCA")
 

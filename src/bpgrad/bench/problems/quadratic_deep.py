@@ -80,8 +80,8 @@ class QuadraticDeep(Problem):
     has_accuracy = False
     validation_size = 1000
     drop_last = True
-    evaluation = ("after each epoch: mean loss over the full 1,000 training draws, the validation "
-                  "draws and the 1,000 test draws; no accuracy")
+    evaluation = ("after each epoch: mean loss over the validation draws and the 1,000 test "
+                  "draws; train loss is the mean over the epoch's minibatches; no accuracy")
     reference = "DeepOBS quadratic_deep (Schneider et al., ICLR 2019); rotation drawn differently"
 
     def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
