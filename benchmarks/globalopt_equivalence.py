@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_reference(rev: str) -> Any:
     src = subprocess.run(
         ["git", "show", f"{rev}:src/bpgrad/globalopt/_core.py"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     path = Path(tempfile.mkdtemp()) / "_core_ref.py"
     path.write_text(src)
@@ -49,7 +52,9 @@ def ackley(x: np.ndarray) -> float:
     d = x.size
     return float(
         -20 * np.exp(-0.2 * np.sqrt(np.sum(x * x) / d))
-        - np.exp(np.sum(np.cos(2 * np.pi * x)) / d) + 20 + np.e
+        - np.exp(np.sum(np.cos(2 * np.pi * x)) / d)
+        + 20
+        + np.e
     )
 
 
@@ -71,10 +76,18 @@ def cases(n: int) -> list[tuple[str, Any, list[tuple[float, float]], dict[str, A
         ("rastrigin d=2 polish=False", rastrigin, box(2), {"maxfev": n, "polish": False}),
         ("rastrigin d=6 polish=False", rastrigin, box(6), {"maxfev": n, "polish": False}),
         ("ackley d=3 default", ackley, box(3), {"maxfev": n, "tol": 1e-12}),
-        ("branin d=2 L=60 bound", branin, [(-5.0, 10.0), (0.0, 15.0)],
-         {"maxfev": n, "lipschitz": 60.0, "strategy": "bound", "tol": 1e-9}),
-        ("griewank d=4 f_lower=0", griewank, [(-30.0, 40.0)] * 4,
-         {"maxfev": n, "f_lower": 0.0, "tol": 1e-12}),
+        (
+            "branin d=2 L=60 bound",
+            branin,
+            [(-5.0, 10.0), (0.0, 15.0)],
+            {"maxfev": n, "lipschitz": 60.0, "strategy": "bound", "tol": 1e-9},
+        ),
+        (
+            "griewank d=4 f_lower=0",
+            griewank,
+            [(-30.0, 40.0)] * 4,
+            {"maxfev": n, "f_lower": 0.0, "tol": 1e-12},
+        ),
     ]
 
 
@@ -92,8 +105,7 @@ def main() -> int:
         r_ref = ref.minimize(f, bounds, **kw)
         t2 = time.perf_counter()
         same = all(
-            np.array_equal(r_new[k], r_ref[k])
-            for k in ("history_x", "history_f", "history_kind")
+            np.array_equal(r_new[k], r_ref[k]) for k in ("history_x", "history_f", "history_kind")
         ) and all(
             r_new[k] == r_ref[k] for k in ("nfev", "nit", "status", "lower_bound", "max_slope")
         )

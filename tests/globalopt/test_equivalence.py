@@ -68,8 +68,12 @@ CASES: dict[str, Callable[[], Any]] = {
         styblinski_tang, [(-5.0, 4.3), (-4.6, 5.0)], maxfev=2000, tol=1e-12
     ),
     "six_hump_d2_bound_known_L": lambda: minimize(
-        six_hump, [(-2.0, 2.1), (-1.1, 1.0)], lipschitz=200.0, strategy="bound",
-        maxfev=2000, tol=1e-9,
+        six_hump,
+        [(-2.0, 2.1), (-1.1, 1.0)],
+        lipschitz=200.0,
+        strategy="bound",
+        maxfev=2000,
+        tol=1e-9,
     ),
     "rosenbrock_d3_jac_branch": lambda: minimize(
         rosenbrock, [(-2.0, 2.5), (-1.5, 2.0), (-2.2, 2.0)], jac=True, maxfev=2000, tol=1e-12

@@ -28,6 +28,9 @@ KIND_NAMES: tuple[str, ...] = ("global", "branch", "polish", "fd")
 _LEAF, _SPLIT, _PRUNED, _RETIRED = 0, 1, 2, 3
 _K_TERMS = 4  # samples kept per cell to recompute its bound cheaply when L changes
 _L_GRID = 1.1  # estimated L is rounded up to a power of this, so the cell bounds rarely change
+_LEAF_CAP = 32  # samples per leaf of the spatial index
+_SCAN_MAX = 256  # below this many samples a plain O(n d) scan is cheaper than the index
+_KEY_CHUNK = 1024  # random tie-break keys drawn per call of the generator
 
 
 class _Stop(Exception):
@@ -48,12 +51,131 @@ def _as_scalar(value: Any) -> float:
     return float(arr.reshape(-1)[0])
 
 
+class _Index:
+    """Spatial index of the samples for exact maximum queries over all of them.
+
+    Every query of the search is a maximum over the samples of a per-sample expression
+    (``f_i - L ||y - x_i||``, ``f_i - L far(x_i, cell)``, ``|f - f_i| / ||x - x_i||``) compared
+    with a threshold. The samples sit in the leaves of a k-d tree: a leaf holds at most
+    ``_LEAF_CAP`` samples and a full leaf is split at the median of its widest coordinate, so
+    leaves stay small where the search concentrates (DIRECT-style division piles thousands of
+    samples into a tiny region around a minimizer, which defeats a uniform grid). Each leaf
+    keeps the tight bounding box of its samples, their largest finite value and their smallest
+    finite value. A query bounds, for all leaves at once, what any sample of a leaf can
+    contribute, and evaluates the exact per-sample formula only on the samples of leaves whose
+    bound reaches the threshold. Those per-sample values use the same expression as a full scan,
+    so every decision is bit-identical to scanning all samples; the leaf bounds carry a relative
+    safety margin so rounding can only add candidates, never drop one.
+    """
+
+    def __init__(self, d: int) -> None:
+        self.m = 0
+        cap = 64
+        self.lo = np.full((cap, d), math.inf)
+        self.hi = np.full((cap, d), -math.inf)
+        self.fb = np.full(cap, -math.inf)  # largest finite value in the leaf
+        self.fmin = np.full(cap, math.inf)  # smallest finite value (for slopes)
+        self.members = np.full((cap, _LEAF_CAP), -1, dtype=np.int64)
+        self.count: list[int] = []
+        # Tree nodes (Python lists: the descent reads scalars). leaf[v] >= 0: the leaf slot of v.
+        self.node_dim: list[int] = [0]
+        self.node_val: list[float] = [0.0]
+        self.node_left: list[int] = [-1]
+        self.node_leaf: list[int] = [self._new_leaf()]
+
+    def _new_leaf(self) -> int:
+        if self.m == self.lo.shape[0]:
+            cap = 2 * self.m
+            for name, fill in (
+                ("lo", math.inf),
+                ("hi", -math.inf),
+                ("fb", -math.inf),
+                ("fmin", math.inf),
+                ("members", -1),
+            ):
+                old = getattr(self, name)
+                new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
+                new[: self.m] = old[: self.m]
+                setattr(self, name, new)
+        self.count.append(0)
+        self.m += 1
+        return self.m - 1
+
+    def _fill(self, s: int, mem: NDArray[np.int64], X: FloatArray, F: FloatArray) -> None:
+        self.members[s] = -1
+        self.members[s, : mem.size] = mem
+        self.count[s] = int(mem.size)
+        P = X[mem]
+        self.lo[s], self.hi[s] = P.min(axis=0), P.max(axis=0)
+        f = F[mem]
+        fin = np.isfinite(f)
+        self.fb[s] = float(f[fin].max()) if fin.any() else -math.inf
+        self.fmin[s] = float(f[fin].min()) if fin.any() else math.inf
+
+    def _split(self, v: int, X: FloatArray, F: FloatArray) -> None:
+        s = self.node_leaf[v]
+        mem = self.members[s].copy()
+        k = int(np.argmax(self.hi[s] - self.lo[s]))
+        order = np.argsort(X[mem, k], kind="stable")
+        half = _LEAF_CAP // 2
+        t = self._new_leaf()
+        self._fill(s, mem[order[:half]], X, F)
+        self._fill(t, mem[order[half:]], X, F)
+        left = len(self.node_leaf)
+        self.node_dim += [0, 0]
+        self.node_val += [0.0, 0.0]
+        self.node_left += [-1, -1]
+        self.node_leaf += [s, t]
+        self.node_dim[v] = k
+        self.node_val[v] = float(X[mem[order[half - 1]], k])
+        self.node_left[v] = left
+        self.node_leaf[v] = -1
+
+    def insert(self, i: int, X: FloatArray, F: FloatArray) -> None:
+        """Add sample i (already stored in X[i], F[i]); X and F are the sample arrays."""
+        x = X[i]
+        xs = x.tolist()
+        v = 0
+        while True:
+            if self.node_leaf[v] < 0:
+                v = self.node_left[v] + (xs[self.node_dim[v]] > self.node_val[v])
+                continue
+            if self.count[self.node_leaf[v]] < _LEAF_CAP:
+                break
+            self._split(v, X, F)
+        s = self.node_leaf[v]
+        self.members[s, self.count[s]] = i
+        self.count[s] += 1
+        np.minimum(self.lo[s], x, out=self.lo[s])
+        np.maximum(self.hi[s], x, out=self.hi[s])
+        f = float(F[i])
+        if math.isfinite(f):
+            if f > self.fb[s]:
+                self.fb[s] = f
+            if f < self.fmin[s]:
+                self.fmin[s] = f
+
+    def points(self, leaves: NDArray[np.int64]) -> NDArray[np.int64]:
+        mem = self.members[leaves].ravel()
+        return mem[mem >= 0]
+
+    def gaps(self, y: FloatArray) -> FloatArray:
+        """Per leaf and coordinate, the distance from y to the leaf's bounding box: (m, d)."""
+        m = self.m
+        return np.maximum(np.maximum(self.lo[:m] - y, y - self.hi[:m]), 0.0)
+
+
 class _Samples:
-    """Evaluated points, values, gradients, and the Lipschitz bookkeeping over them."""
+    """Evaluated points, values, gradients, and the Lipschitz bookkeeping over them.
+
+    Every query is exact: below ``_SCAN_MAX`` samples it scans them all, above it asks the
+    spatial index for the few samples that can matter and applies the same per-sample formula.
+    """
 
     def __init__(self, d: int, lb: FloatArray, ub: FloatArray) -> None:
         self.d = d
         self.lb, self.ub = lb, ub
+        self.diag = float(np.linalg.norm(ub - lb))
         self.n = 0
         cap = 256
         self.X = np.empty((cap, d))
@@ -63,8 +185,10 @@ class _Samples:
         self.kind = np.empty(cap, dtype=np.int8)
         self.best = -1
         self.f_best = math.inf
+        self.f_abs = 0.0  # largest finite |f|: scales the index's rounding margin
         self.slope_max = 0.0
         self.n_nonfinite = 0
+        self.index = _Index(d)
 
     def _grow(self) -> None:
         cap = 2 * self.X.shape[0]
@@ -78,6 +202,10 @@ class _Samples:
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
+    def _margin(self, thr: float, L: float) -> float:
+        """Slack on a leaf bound so that its rounding never hides a sample above ``thr``."""
+        return 1e-9 * (abs(thr) + self.f_abs + L * self.diag) + 1e-300
+
     def add(self, x: FloatArray, f: float, g: FloatArray | None, kind: int) -> int:
         if self.n == self.X.shape[0]:
             self._grow()
@@ -85,11 +213,23 @@ class _Samples:
         finite = math.isfinite(f)
         if finite and self.n > 0:
             # Largest observed slope |f_i - f_j| / ||x_i - x_j||: the data's lower bound on L.
-            diff = self.X[:i] - x
+            # Only samples that could beat the current maximum are looked at.
+            if i <= _SCAN_MAX:
+                cand = None
+            else:
+                ix = self.index
+                gap = ix.gaps(x)
+                dist = np.sqrt(np.einsum("ij,ij->i", gap, gap))
+                df = np.maximum(f - ix.fmin[: ix.m], ix.fb[: ix.m] - f)
+                cand = ix.points(np.flatnonzero(df >= self.slope_max * (1 - 1e-9) * dist))
+            Xc = self.X[:i] if cand is None else self.X[cand]
+            Fc = self.F[:i] if cand is None else self.F[cand]
+            Fbc = self.Fb[:i] if cand is None else self.Fb[cand]
+            diff = Xc - x
             dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            ok = np.isfinite(self.Fb[:i]) & (dist > 0)
+            ok = np.isfinite(Fbc) & (dist > 0)
             if ok.any():
-                s = float(np.max(np.abs(self.F[:i][ok] - f) / dist[ok]))
+                s = float(np.max(np.abs(Fc[ok] - f) / dist[ok]))
                 self.slope_max = max(self.slope_max, s)
         if g is not None and np.all(np.isfinite(g)):
             self.G[i] = g
@@ -99,39 +239,38 @@ class _Samples:
         self.Fb[i] = f if finite else -math.inf
         self.kind[i] = kind
         self.n += 1
+        self.index.insert(i, self.X, self.F)
         if not finite:
             self.n_nonfinite += 1
-        elif f < self.f_best:
-            self.f_best = f
-            self.best = i
+        else:
+            self.f_abs = max(self.f_abs, abs(f))
+            if f < self.f_best:
+                self.f_best = f
+                self.best = i
         return i
 
-    def lower_at(self, y: FloatArray, L: float) -> float:
-        """max_i f_i - L ||y - x_i||: y lies in a pruning ball iff this exceeds f̂*."""
-        return self.lower_arg(y, L)[0]
+    def lower_above(self, y: FloatArray, L: float, thr: float) -> float:
+        """``max_i f_i - L ||y - x_i||`` if it exceeds ``thr``, else some value <= ``thr``.
 
-    def lower_arg(self, y: FloatArray, L: float) -> tuple[float, int]:
-        """``lower_at`` and the sample attaining it (the ball that holds y, if any)."""
-        if self.n == 0:
-            return -math.inf, -1
-        diff = self.X[: self.n] - y
-        vals = self.Fb[: self.n] - L * np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        j = int(np.argmax(vals))
-        return float(vals[j]), j
-
-    def bound_from(
-        self, lo: FloatArray, hi: FloatArray, L: float, cand: NDArray[np.int64]
-    ) -> tuple[float, NDArray[np.int64]]:
-        """Like ``box_terms`` but over candidate samples only: O(K d) instead of O(n d)."""
-        cand = np.unique(cand[cand >= 0])
-        terms = np.full(_K_TERMS, -1, dtype=np.int64)
-        if cand.size == 0:
-            return -math.inf, terms
-        far = np.maximum(np.abs(self.X[cand] - lo), np.abs(self.X[cand] - hi))
-        vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far))
-        order = np.argsort(-vals)[:_K_TERMS]
-        terms[: order.size] = cand[order]
-        return float(vals[order[0]]), terms
+        y lies in a pruning ball iff the exact maximum exceeds f̂*; the caller only needs that
+        answer, so samples that cannot exceed ``thr`` are never looked at.
+        """
+        n = self.n
+        if n == 0 or not thr < math.inf:
+            return -math.inf
+        if n <= _SCAN_MAX:
+            X, Fb = self.X[:n], self.Fb[:n]
+        else:
+            ix = self.index
+            gap = ix.gaps(y)
+            top = ix.fb[: ix.m] - L * np.sqrt(np.einsum("ij,ij->i", gap, gap))
+            cand = ix.points(np.flatnonzero(top >= thr - self._margin(thr, L)))
+            if cand.size == 0:
+                return -math.inf
+            X, Fb = self.X[cand], self.Fb[cand]
+        diff = X - y
+        vals = Fb - L * np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        return float(np.max(vals))
 
     def box_terms(
         self, lo: FloatArray, hi: FloatArray, L: float
@@ -144,16 +283,65 @@ class _Samples:
         n = self.n
         if n == 0:
             return -math.inf, np.full(_K_TERMS, -1, dtype=np.int64)
-        X = self.X[:n]
+        return self._top_terms(np.arange(n, dtype=np.int64), lo, hi, L)
+
+    def _top_terms(
+        self, cand: NDArray[np.int64], lo: FloatArray, hi: FloatArray, L: float
+    ) -> tuple[float, NDArray[np.int64]]:
+        X = self.X[cand]
         far = np.maximum(np.abs(X - lo), np.abs(X - hi))
-        vals = self.Fb[:n] - L * np.sqrt(np.einsum("ij,ij->i", far, far))
-        if n <= _K_TERMS:
-            idx = np.arange(n, dtype=np.int64)
+        vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far))
+        m = cand.size
+        if m <= _K_TERMS:
+            idx = cand
         else:
-            idx = np.argpartition(vals, n - _K_TERMS)[n - _K_TERMS :].astype(np.int64)
+            idx = cand[np.argpartition(vals, m - _K_TERMS)[m - _K_TERMS :]]
         terms = np.full(_K_TERMS, -1, dtype=np.int64)
         terms[: idx.size] = idx
         return float(np.max(vals)), terms
+
+    def split_terms(
+        self,
+        boxes: list[tuple[FloatArray, FloatArray]],
+        k: int,
+        L: float,
+        seeds: NDArray[np.int64],
+    ) -> list[tuple[float, NDArray[np.int64]]]:
+        """``box_terms`` of the cells that split a parent along coordinate k, at once.
+
+        The K-th best value of the ``seeds`` (the parent's kept samples) on each new cell is a
+        lower limit of that cell's K-th best term, so only samples in leaves whose bound reaches
+        it can be among the terms. far_j(x) = |x_j - c_j| + h_j for a box with centre c and
+        half-widths h; the leaf bound takes |x_j - c_j| at the leaf's nearest point and, along
+        k, the nearest of the new cells.
+        """
+        n = self.n
+        if n <= _SCAN_MAX:
+            cand = np.arange(n, dtype=np.int64)
+            return [self._top_terms(cand, clo, chi, L) for clo, chi in boxes]
+        ix = self.index
+        seeds = np.unique(seeds[seeds >= 0])
+        thr = -math.inf
+        if seeds.size >= _K_TERMS:
+            thr = math.inf
+            X, Fb = self.X[seeds], self.Fb[seeds]
+            for clo, chi in boxes:
+                far = np.maximum(np.abs(X - clo), np.abs(X - chi))
+                sv = Fb - L * np.sqrt(np.einsum("ij,ij->i", far, far))
+                thr = min(thr, float(np.partition(sv, sv.size - _K_TERMS)[-_K_TERMS]))
+        if thr > -math.inf:
+            lo0, hi0 = boxes[0]
+            gap = ix.gaps(0.5 * (lo0 + hi0)) + 0.5 * (hi0 - lo0)
+            lk, hk = ix.lo[: ix.m, k], ix.hi[: ix.m, k]
+            for clo, chi in boxes[1:]:
+                ck, hw = 0.5 * (clo[k] + chi[k]), 0.5 * (chi[k] - clo[k])
+                gk = np.maximum(np.maximum(lk - ck, ck - hk), 0.0) + hw
+                np.minimum(gap[:, k], gk, out=gap[:, k])
+            top = ix.fb[: ix.m] - L * np.sqrt(np.einsum("ij,ij->i", gap, gap))
+            cand = ix.points(np.flatnonzero(top >= thr - self._margin(thr, L)))
+        else:
+            cand = ix.points(np.arange(ix.m, dtype=np.int64))
+        return [self._top_terms(cand, clo, chi, L) for clo, chi in boxes]
 
 
 class _Tree:
@@ -665,9 +853,14 @@ class _Run:
             delta = max(delta, (1 - self.rho) * (fb - self.f_lower))
         return fb - delta
 
-    def pruned_point(self, y: FloatArray) -> bool:
+    def _prune_level(self) -> float:
+        """A point is in a pruning ball iff its Lipschitz lower estimate exceeds this."""
         fh = self.fhat()
-        return self.S.lower_at(y, self.L) > fh + 1e-12 * (1 + abs(fh))
+        return fh + 1e-12 * (1 + abs(fh))
+
+    def pruned_point(self, y: FloatArray) -> bool:
+        thr = self._prune_level()
+        return self.S.lower_above(y, self.L, thr) > thr
 
     def _insert(self, i: int) -> None:
         """Put a non-centre sample into the partition as a bound term of its cell."""
@@ -682,7 +875,8 @@ class _Run:
         elif center_lower is not None:
             T.value[c] = center_lower
         else:
-            T.value[c] = self.S.lower_at(0.5 * (T.lo[c] + T.hi[c]), self.L)
+            y = 0.5 * (T.lo[c] + T.hi[c])
+            T.value[c] = self.S.lower_above(y, self.L, -math.inf)
         T.size[c] = 0.5 * float(np.linalg.norm((T.hi[c] - T.lo[c]) / self.width))
         if T.bound[c] > self.fhat():
             T.state[c] = _PRUNED
@@ -814,26 +1008,29 @@ class _Run:
         a, b = lo[k] + w[k] / 3, lo[k] + 2 * w[k] / 3
         edges = ((lo[k], a), (a, b), (b, hi[k]))
         kids = []
+        boxes = []
         for e0, e1 in edges:
             clo, chi = lo.copy(), hi.copy()
             clo[k], chi[k] = e0, e1
+            boxes.append((clo, chi))
             kids.append(T.add(clo, chi))
         T.child[leaf] = kids[0]
         T.sdim[leaf] = k
         T.state[leaf] = _SPLIT
         T.center[kids[1]] = T.center[leaf]
-        for c in kids:
-            T.bound[c], T.terms[c] = S.box_terms(T.lo[c], T.hi[c], self.L)
+        seeds = np.append(T.terms[leaf], T.center[leaf])
+        for c, bt in zip(kids, S.split_terms(boxes, k, self.L, seeds), strict=True):
+            T.bound[c], T.terms[c] = bt
         new = []
         lowers: dict[int, float | None] = {kids[1]: None}
         if T.center[leaf] < 0:
             lowers[kids[1]] = float(T.value[leaf])
         for c in (kids[0], kids[2]):
             y = 0.5 * (T.lo[c] + T.hi[c])
-            lower = S.lower_at(y, self.L)
-            fh = self.fhat()
+            thr = self._prune_level()
+            lower = S.lower_above(y, self.L, thr)
             lowers[c] = lower
-            if not lower > fh + 1e-12 * (1 + abs(fh)):
+            if not lower > thr:
                 s = self.evaluate(y, GLOBAL, self.do_branch)
                 T.center[c] = s
                 T.add_term(c, s, S, self.L)
