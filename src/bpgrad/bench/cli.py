@@ -18,6 +18,17 @@ from bpgrad.bench.config import (
     parse_assignment,
     parse_sweep,
 )
+from bpgrad.bench.distributed import (
+    DEFAULT_TIMEOUT_S,
+    SINGLE,
+    DistContext,
+    env_rank,
+    env_ranks,
+    fail_fast,
+    init_from_env,
+    launch,
+    shutdown,
+)
 from bpgrad.bench.optimizers import (
     HyperparameterError,
     MissingExtraError,
@@ -38,7 +49,11 @@ _EPILOG = """examples:
   bpgrad compare --problem mnist_lenet --optimizers adam,sgd --lr-grid log:1e-4:1e-1:4 --out runs/lr
   bpgrad compare --problem mnist_lenet --optimizers bpgrad --sweep lipschitz=10,50,200
   bpgrad report runs/mnist
-A rerun of the same command skips finished trials and resumes interrupted ones."""
+  bpgrad compare --problem mnist_lenet --optimizers bpgrad,adam --nproc-per-node 2 --out runs/ddp
+  torchrun --nproc-per-node 2 -m bpgrad compare --problem mnist_lenet --out runs/ddp
+A rerun of the same command skips finished trials and resumes interrupted ones. Under torchrun
+(or --nproc-per-node) --batch-size is per process: a step uses batch size x processes examples.
+See docs/distributed.md."""
 
 
 def register(subparsers: Any) -> None:
@@ -81,8 +96,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="do not write report.md and plots")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train data-parallel on N processes of this machine, started by torch's "
+                        "elastic launcher (the same as torchrun --standalone --nproc-per-node N "
+                        "-m bpgrad compare ...); Gloo on cpu, NCCL on cuda (one GPU per process)")
+    p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="with several processes: how long a rank waits for the others before the "
+                        f"run stops with an error (default {DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--list", action="store_true", help="list problems and optimizers, then exit")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, compare_parser=p)
 
     r = subparsers.add_parser(
         "report", help="write report.md, tables and plots for a run folder",
@@ -146,8 +168,30 @@ def _list() -> int:
 
 
 def _error(command: str, message: str) -> int:
-    print(f"bpgrad {command}: error: {message}", file=sys.stderr)
+    if env_rank() == 0:  # under a launcher every rank finds the same error; rank 0 says it
+        print(f"bpgrad {command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _argv_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    drop: set[str]) -> list[str]:
+    """The options of ``args`` as command-line words again (for the launched processes)."""
+    out: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in drop or action.dest == "help":
+            continue
+        flag = next((o for o in action.option_strings if o.startswith("--")),
+                    action.option_strings[0])
+        value = getattr(args, action.dest, None)
+        if isinstance(action, argparse._StoreConstAction):
+            if value is not None and value == action.const:
+                out.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value or []:
+                out += [flag, str(item)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -175,25 +219,64 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except KeyError as exc:  # unknown problem
         return _error("compare", str(exc.args[0]) if exc.args else str(exc))
 
-    return run_compare(cfg, problems, trials)
+    timeout = args.dist_timeout if args.dist_timeout is not None else DEFAULT_TIMEOUT_S
+    if timeout <= 0:
+        return _error("compare", f"--dist-timeout must be > 0 seconds, got {timeout:g}")
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            return _error("compare", f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        if env_ranks() is None:
+            # Start the processes through torch's elastic launcher; each runs this command
+            # without --nproc-per-node and finds itself in a process group.
+            argv = _argv_from_args(args.compare_parser, args, drop={"nproc_per_node"})
+            return launch(args.nproc_per_node, ["compare", *argv], threads=cfg.threads)
+        if env_rank() == 0:
+            print("bpgrad compare: already under a launcher; --nproc-per-node is ignored",
+                  file=sys.stderr)
+
+    ctx, device = init_from_env(cfg.device, timeout)
+    if not ctx.enabled:
+        return run_compare(cfg, problems, trials)
+    try:
+        rc = run_compare(cfg, problems, trials, dist=ctx, device=device)
+    except BaseException as exc:  # any failure must end this rank, never hang it
+        fail_fast(ctx, exc)
+    shutdown(ctx)
+    return rc
 
 
-def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any]) -> int:
-    """Run ``trials`` of a resolved config, then print the table and write the report."""
+def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any], *,
+                dist: DistContext = SINGLE, device: str | None = None) -> int:
+    """Run ``trials`` of a resolved config, then print the table and write the report.
+
+    With a process group (``dist``) every rank runs every trial data-parallel; rank 0 alone
+    writes files, prints and writes the report.
+    """
     from bpgrad.bench.runner import Budget, RunOptions, run_trial
 
     command = (
         f"bpgrad compare --config {cfg.config_file}" if cfg.config_file is not None
         else cfg.to_command()
     )
-    write_manifest(cfg.out, {
-        "command": command,
-        "full_command": cfg.to_command(),
-        "config": describe(cfg),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    full_command = cfg.to_command()
+    if dist.enabled:
+        if dist.world_size == dist.local_world_size:
+            launcher = f" --nproc-per-node {dist.world_size}"
+            command, full_command = command + launcher, full_command + launcher
+        else:
+            note = "  # under torchrun on several nodes, see docs/distributed.md"
+            command, full_command = command + note, full_command + note
+    if dist.is_main:
+        write_manifest(cfg.out, {
+            "command": command,
+            "full_command": full_command,
+            "config": describe(cfg),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"distributed": dist.describe()} if dist.enabled else {}),
+        })
+    quiet = cfg.quiet or not dist.is_main
     options = RunOptions(
-        device=cfg.device, threads=cfg.threads, quiet=cfg.quiet,
+        device=device or cfg.device, threads=cfg.threads, quiet=quiet,
         eval_batch_size=cfg.eval_batch_size, log_interval=cfg.log_interval,
     )
     t_start = time.perf_counter()
@@ -206,18 +289,23 @@ def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any])
             batch_size=cfg.batch_size,
         )
         t_load = time.perf_counter()
+        # One process per node loads (and downloads) first; the others then read its cache.
+        if dist.local_rank != 0:
+            dist.barrier()
         splits = problem.load(data_dir=cfg.data_dir, validation_size=cfg.validation_size,
                               seed=options.data_seed)
-        if not cfg.quiet:
+        if dist.enabled and dist.local_rank == 0:
+            dist.barrier()
+        if not quiet:
             print(f"{name}: {len(splits.train)} train / {len(splits.valid)} valid / "
                   f"{len(splits.test)} test examples, loaded in "
                   f"{time.perf_counter() - t_load:.1f} s; {len(todo)} trials", file=sys.stderr)
         for trial in todo:
             outcome = run_trial(problem, trial.optimizer, trial.seed, budget, out=cfg.out,
-                                splits=splits, options=options)
+                                splits=splits, options=options, dist=dist)
             counts["skipped" if outcome.skipped else outcome.status] += 1
             counts["resumed"] += int(outcome.resumed)
-            if not cfg.quiet:
+            if not quiet:
                 final = outcome.summary.get("final", {})
                 acc = final.get("test_accuracy")
                 loss = final.get("test_loss")
@@ -227,6 +315,8 @@ def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any])
                 print(f"  {name} {trial.optimizer.label} seed {trial.seed}: {what}, {metric}, "
                       f"{outcome.summary.get('wall_time', 0.0):.1f} s", file=sys.stderr)
     elapsed = time.perf_counter() - t_start
+    if not dist.is_main:
+        return 0
     print(f"{len(trials)} trials in {elapsed:.1f} s: " +
           ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=sys.stderr)
     return _finish(cfg.out, target=cfg.target, write=cfg.report, quiet=False)

@@ -13,7 +13,14 @@ optimizer, RNG states, counters) is saved atomically next to it. A rerun skips a
 has a summary and continues an unfinished one from its checkpoint; because the data order of every
 epoch is a function of (seed, epoch) only, the resumed run reaches the same final state as an
 uninterrupted one, bit for bit on CPU.
+
+Several processes (``torchrun``, ``bpgrad compare --nproc-per-node N``): pass the
+:class:`~bpgrad.bench.distributed.DistContext`. The model is wrapped in DDP; every global step takes
+the next ``batch_size * world_size`` examples of the single-process permutation and each rank its
+contiguous slice (``batch_size`` per rank); metric sums are all-reduced; rank 0 alone reads and
+writes files and decides (skip / resume / start), which it broadcasts with its checkpoint.
 """
+
 
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bpgrad.bench.distributed import SINGLE, DistContext, rank_seed, test_fault_hook
 from bpgrad.bench.optimizers import ResolvedOptimizer
 from bpgrad.bench.problems.base import Problem, Split, Splits
 from bpgrad.bench.results import (
@@ -226,22 +234,31 @@ def _save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(
-    problem: Problem, model: nn.Module, split: Split, batch_size: int
+    problem: Problem, model: nn.Module, split: Split, batch_size: int,
+    dist: DistContext = SINGLE,
 ) -> dict[str, float | None]:
-    """Mean loss and accuracy of ``model`` over ``split`` (None for an empty split)."""
+    """Mean loss and accuracy of ``model`` over ``split`` (None for an empty split).
+
+    With several ranks each evaluates its contiguous part of the split and the sums are
+    all-reduced, so every rank gets the metrics of the whole split.
+    """
     n = len(split)
     if n == 0:
         return {"loss": None, "accuracy": None}
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
-    for start in range(0, n, batch_size):
-        x = split.inputs[start:start + batch_size]
-        y = split.targets[start:start + batch_size]
+    part = dist.shard(n) if dist.enabled else slice(0, n)
+    for start in range(part.start, part.stop, batch_size):
+        stop = min(start + batch_size, part.stop)
+        x = split.inputs[start:stop]
+        y = split.targets[start:stop]
         for key, value in problem.batch_metrics(model(x), y).items():
             value = value.detach().to(torch.float64)
             totals[key] = totals[key] + value if key in totals else value
     model.train(was_training)
+    if dist.enabled:
+        totals = _reduce_sums(problem, totals, dist, split.inputs.device)
     values = {k: float(v) for k, v in totals.items()}
     count = values.get("count", float(n))
     return {
@@ -249,6 +266,32 @@ def evaluate(
         "accuracy": values["correct"] / count if problem.has_accuracy and "correct" in values
         else None,
     }
+
+
+def _reduce_sums(problem: Problem, sums: Mapping[str, torch.Tensor], dist: DistContext,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum the per-rank metric sums over ranks: one all-reduce of a small vector.
+
+    The keys are fixed (``loss_sum``, ``count``, ``correct``) so that a rank with no examples
+    still takes part.
+    """
+    keys = ("loss_sum", "count", "correct") if problem.has_accuracy else ("loss_sum", "count")
+    vec = torch.stack([
+        sums[k].to(device=device, dtype=torch.float64) if k in sums
+        else torch.zeros((), dtype=torch.float64, device=device)
+        for k in keys
+    ])
+    dist.sum_(vec)
+    return {k: vec[i] for i, k in enumerate(keys)}
+
+
+def _steps_per_epoch(n_train: int, global_batch: int, drop_last: bool, world: int) -> int:
+    """Minibatches per epoch; with several ranks a last batch too small to give every rank an
+    example is dropped."""
+    full, rest = divmod(n_train, global_batch)
+    if drop_last or rest == 0 or rest < world:
+        return full
+    return full + 1
 
 
 def _split_to(split: Split, device: torch.device) -> Split:
@@ -299,15 +342,20 @@ def run_trial(
     options: RunOptions | None = None,
     on_epoch_end: EpochCallback | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    dist: DistContext | None = None,
 ) -> TrialOutcome:
     """Train ``optimizer`` on ``problem`` with ``seed`` for ``budget``; write the trial file.
 
     ``splits`` (loaded with ``problem.load`` once per problem) saves reloading for every trial;
     ``on_epoch_end(epoch)`` runs after an epoch's records and checkpoint are on disk (tests raise
     from it to simulate a kill). Returns the outcome; a diverged trial is recorded and returned,
-    never raised.
+    never raised. ``dist`` (from :func:`bpgrad.bench.distributed.init_from_env`) runs the trial
+    data-parallel on every rank of the process group; every rank must call this with the same
+    arguments, and gets the same outcome.
     """
     opts = options or RunOptions()
+    ctx = dist or SINGLE
+    world = ctx.world_size
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
@@ -322,15 +370,17 @@ def run_trial(
     train = _split_to(splits.train, device)
     valid = _split_to(splits.valid, device)
     test = _split_to(splits.test, device)
+    # --batch-size is per rank; a step consumes batch_size * world_size examples.
     batch_size = budget.batch_size or problem.batch_size
+    global_batch = batch_size * world
     n_train = len(train)
     if n_train == 0:
         raise ValueError(f"problem {problem.name!r} has an empty training split")
     # DeepOBS problems drop the last incomplete batch; the paper's nets keep it.
-    steps_per_epoch = n_train // batch_size if problem.drop_last else math.ceil(n_train / batch_size)
+    steps_per_epoch = _steps_per_epoch(n_train, global_batch, problem.drop_last, world)
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch size {batch_size} exceeds the {n_train} training examples with drop_last; "
+            f"batch size {global_batch} exceeds the {n_train} training examples with drop_last; "
             "use a smaller --batch-size"
         )
     eval_batch_size = opts.eval_batch_size or problem.eval_batch_size
@@ -349,10 +399,13 @@ def run_trial(
         "seed": seed,
         "budget": {
             **asdict(budget),
-            "batch_size": batch_size,
+            "batch_size": global_batch,
             "steps_per_epoch": steps_per_epoch,
             "eval_batch_size": eval_batch_size,
             "drop_last": problem.drop_last,
+            # Only in multi-process runs, so one-process files keep their fingerprint; a
+            # different world size is a different trial (another global batch, other RNG draws).
+            **({"world_size": world, "per_rank_batch_size": batch_size} if ctx.enabled else {}),
         },
         "data": {
             "train_size": n_train,
@@ -368,29 +421,56 @@ def run_trial(
     }
     if extra_config:
         header["run"] = dict(extra_config)
+    if ctx.enabled:
+        header["distributed"] = ctx.describe()
 
-    existing = read_records(path) if path.exists() else []
-    if existing:
-        _check_same_config(existing[0], header, path)
-        if existing[-1].get("kind") == "summary":
-            done_summary = existing[-1]
-            return TrialOutcome(path, str(done_summary["status"]), True, False, dict(done_summary))
+    # Rank 0 alone reads the files and decides; the others get its decision (and checkpoint).
+    existing: list[dict[str, Any]] = []
+    decision: dict[str, Any] = {"action": "start"}
+    if ctx.is_main:
+        try:
+            existing = read_records(path) if path.exists() else []
+            if existing:
+                _check_same_config(existing[0], header, path)
+                if existing[-1].get("kind") == "summary":
+                    decision = {"action": "skip", "summary": dict(existing[-1])}
+                elif ckpt_path.exists():
+                    # Loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves
+                    # the model and optimizer tensors to the parameters' device.
+                    decision = {"action": "resume", "ckpt": torch.load(
+                        ckpt_path, map_location="cpu", weights_only=True)}
+        except ResultMismatchError as exc:
+            decision = {"action": "mismatch", "message": str(exc)}
+    decision = ctx.broadcast(decision)
+    if decision["action"] == "mismatch":
+        raise ResultMismatchError(decision["message"])
+    if decision["action"] == "skip":
+        done_summary = decision["summary"]
+        return TrialOutcome(path, str(done_summary["status"]), True, False, dict(done_summary))
 
     seed_everything(seed)
     model = problem.make_model(seed).to(device)
+    if ctx.rank:
+        # Independent dropout draws per rank; rank 0 keeps the one-process stream.
+        seed_everything(rank_seed(seed, ctx.rank))
+    net: nn.Module = model
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     opt = optimizer.build(model.parameters())
     spec = optimizer.spec
+    fault_hook = test_fault_hook()
 
     records: list[dict[str, Any]] = [header]
     first_epoch, step, wall_time, train_time, resumes = 1, 0, 0.0, 0.0, 0
     resumed = False
-    if existing and ckpt_path.exists():
-        # Loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the model
-        # and optimizer tensors to the parameters' device.
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if decision["action"] == "resume":
+        ckpt = decision["ckpt"]
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
+        rng_ranks = ckpt.get("rng_ranks")
+        _set_rng_state(rng_ranks[ctx.rank] if rng_ranks is not None else ckpt["rng"])
         done = int(ckpt["epoch"])
         first_epoch, step = done + 1, int(ckpt["step"])
         wall_time, train_time = float(ckpt["wall_time"]), float(ckpt["train_time"])
@@ -405,8 +485,8 @@ def run_trial(
     def epoch_metrics() -> dict[str, float | None]:
         if spec.train_eval:
             opt.eval()  # type: ignore[attr-defined]
-        v = evaluate(problem, model, valid, eval_batch_size)
-        t = evaluate(problem, model, test, eval_batch_size)
+        v = evaluate(problem, model, valid, eval_batch_size, ctx)
+        t = evaluate(problem, model, test, eval_batch_size, ctx)
         return {
             "valid_loss": v["loss"], "valid_accuracy": v["accuracy"],
             "test_loss": t["loss"], "test_accuracy": t["accuracy"],
@@ -420,13 +500,14 @@ def run_trial(
             "kind": "epoch", "epoch": 0, "step": 0, "train_loss": None, "train_accuracy": None,
             **metrics, "wall_time": wall_time, "train_time": 0.0,
         })
-        write_records(path, records)
+        if ctx.is_main:
+            write_records(path, records)
 
     progress = _Progress(
         total=budget.epochs * steps_per_epoch,
         initial=(first_epoch - 1) * steps_per_epoch,
         desc=f"{problem.name}/{optimizer.label} seed {seed}",
-        quiet=opts.quiet,
+        quiet=opts.quiet or not ctx.is_main,
     )
     status, diverged_at = "finished", None
     last_epoch = first_epoch - 1
@@ -440,15 +521,30 @@ def run_trial(
             model.train()
             order = epoch_order(n_train, seed, epoch, device)
             # Augmentation draws from its own generator, re-seeded per epoch like the data order.
-            aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777_777)
-            log = _StepLog(opt, opts.log_interval)
+            aug_seed = seed * 1_000_003 + epoch + 7_777_777
+            aug_gen = torch.Generator().manual_seed(
+                rank_seed(aug_seed, ctx.rank) if ctx.rank else aug_seed
+            )
+            log = _StepLog(opt, opts.log_interval, reduce=ctx.mean if ctx.enabled else None)
             sums: dict[str, torch.Tensor] = {}
             for b in range(steps_per_epoch):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+                if fault_hook is not None:
+                    fault_hook(ctx.rank, optimizer.label, step + 1)
+                idx = order[b * global_batch:(b + 1) * global_batch]
+                weight = 1.0
+                if ctx.enabled:
+                    # This rank's slice of the global batch. Only a last, incomplete batch
+                    # splits unevenly; its loss is weighted by the slice's share so that DDP's
+                    # gradient mean and BPGrad's loss mean are those of the whole batch.
+                    n_global = int(idx.shape[0])
+                    idx = idx[ctx.shard(n_global)]
+                    weight = idx.shape[0] * world / n_global
                 x, y = problem.augment(train.inputs[idx], aug_gen), train.targets[idx]
                 opt.zero_grad(set_to_none=True)
-                outputs = model(x)
+                outputs = net(x)
                 loss = problem.loss(outputs, y)
+                if weight != 1.0:
+                    loss = loss * weight
                 loss.backward()
                 if spec.needs_loss:
                     opt.step(loss=loss.detach())  # type: ignore[call-overload]
@@ -480,6 +576,8 @@ def run_trial(
                 last_epoch = epoch
                 break
             train_time += time.perf_counter() - t_epoch
+            if ctx.enabled:
+                sums = _reduce_sums(problem, sums, ctx, device)
             count = float(sums["count"]) if "count" in sums else 0.0
             train_loss = float(sums["loss_sum"]) / count if count else None
             train_acc = (
@@ -487,24 +585,31 @@ def run_trial(
                 if count and problem.has_accuracy and "correct" in sums else None
             )
             metrics = epoch_metrics()
+            extra: dict[str, Any] = {}
+            if ctx.enabled:
+                extra["replica_spread"] = _replica_spread(model, ctx, optimizer.label, epoch)
             wall_time += time.perf_counter() - t_epoch
             records.append({
                 "kind": "epoch", "epoch": epoch, "step": step,
                 "train_loss": train_loss, "train_accuracy": train_acc, **metrics,
-                "wall_time": wall_time, "train_time": train_time,
+                "wall_time": wall_time, "train_time": train_time, **extra,
             })
             progress.epoch_done(epoch, train_loss, metrics)
             last_epoch = epoch
-            write_records(path, records)
+            if ctx.is_main:
+                write_records(path, records)
             if opts.checkpoint and epoch < budget.epochs:
                 # Saved in eval mode for Schedule-Free (epoch_metrics switched it), which is the
                 # mode its authors require for checkpoints; train() is called again on resume.
-                _save_checkpoint(ckpt_path, {
-                    "epoch": epoch, "step": step, "wall_time": wall_time,
-                    "train_time": train_time, "resumes": resumes,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "rng": _rng_state(),
-                })
+                rng_ranks = ctx.gather_all(_rng_state()) if ctx.enabled else None
+                if ctx.is_main:
+                    _save_checkpoint(ckpt_path, {
+                        "epoch": epoch, "step": step, "wall_time": wall_time,
+                        "train_time": train_time, "resumes": resumes,
+                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": _rng_state(),
+                        **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
+                    })
             if train_loss is not None and not math.isfinite(train_loss):
                 # Non-finite metrics without a non-finite step loss (e.g. overflow in the sum).
                 status, diverged_at = "diverged", step
@@ -529,16 +634,33 @@ def run_trial(
         "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     records.append(summary)
-    write_records(path, records)
-    ckpt_path.unlink(missing_ok=True)
+    if ctx.is_main:
+        write_records(path, records)
+        ckpt_path.unlink(missing_ok=True)
     return TrialOutcome(path, status, False, resumed, summary)
+
+
+def _replica_spread(model: nn.Module, ctx: DistContext, label: str, epoch: int) -> float:
+    """Largest parameter difference between ranks (0.0 when the replicas agree, as they must)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters()])
+    spread = ctx.spread(flat)
+    if spread != 0.0 and ctx.is_main:
+        print(f"warning: {label}: the model replicas differ by up to {spread:.3g} after epoch "
+              f"{epoch} (the optimizer steps with rank-local values); the metrics mix replicas",
+              file=sys.stderr)
+    return spread
 
 
 class _StepLog:
     """Per-step loss (and optimizer stats) kept on the device, copied to the host in batches."""
 
-    def __init__(self, opt: torch.optim.Optimizer, interval: int) -> None:
+    def __init__(self, opt: torch.optim.Optimizer, interval: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.opt = opt
+        #: mean over ranks of the queued losses (one all-reduce per flush), so that every rank
+        #: logs the global minibatch loss and detects divergence at the same step
+        self.reduce = reduce
         self.interval = max(1, interval)
         self.pending_steps: list[int] = []
         self.pending: dict[str, list[torch.Tensor]] = {}
@@ -569,7 +691,10 @@ class _StepLog:
         if not self.pending_steps:
             return None
         n = len(self.pending_steps)
-        values = {k: torch.stack(v).double().cpu().tolist() for k, v in self.pending.items()}
+        stacked = {k: torch.stack(v).double() for k, v in self.pending.items()}
+        if self.reduce is not None:
+            stacked["loss"] = self.reduce(stacked["loss"])
+        values = {k: v.cpu().tolist() for k, v in stacked.items()}
         self.host["step"].extend(self.pending_steps)
         for key, vals in values.items():
             if len(vals) != n:
