@@ -12,7 +12,7 @@ here changes its schedule with the budget). Stochastic solvers run 5 seeds.
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/globalopt.py            # run (resumable) + print
-    .venv/bin/python benchmarks/globalopt.py --report docs/results_globalopt_tables.md \
+    .venv/bin/python benchmarks/globalopt.py --report runs/globalopt/tables.md \
         --plot docs/img/globalopt_profile.png
     .venv/bin/python benchmarks/globalopt.py --install-peers               # pip install dlib-bin, nlopt
 
