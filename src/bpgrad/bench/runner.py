@@ -437,8 +437,15 @@ def run_trial(
                 elif ckpt_path.exists():
                     # Loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves
                     # the model and optimizer tensors to the parameters' device.
-                    decision = {"action": "resume", "ckpt": torch.load(
-                        ckpt_path, map_location="cpu", weights_only=True)}
+                    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                    done = int(ckpt["epoch"])
+                    # Keep the original header (its start time) and drop records of an epoch
+                    # that ran past the checkpoint: that epoch is recomputed identically.
+                    kept = [existing[0]] + [
+                        r for r in existing[1:]
+                        if r.get("kind") in ("steps", "epoch") and r["epoch"] <= done
+                    ]
+                    decision = {"action": "resume", "ckpt": ckpt, "records": kept}
         except ResultMismatchError as exc:
             decision = {"action": "mismatch", "message": str(exc)}
     decision = ctx.broadcast(decision)
@@ -476,11 +483,7 @@ def run_trial(
         wall_time, train_time = float(ckpt["wall_time"]), float(ckpt["train_time"])
         resumes = int(ckpt["resumes"]) + 1
         resumed = True
-        # Keep the original header (its start time) and drop records of an epoch that ran past
-        # the checkpoint: that epoch is recomputed identically.
-        records = [existing[0]] + [
-            r for r in existing[1:] if r.get("kind") in ("steps", "epoch") and r["epoch"] <= done
-        ]
+        records = decision["records"]
 
     def epoch_metrics() -> dict[str, float | None]:
         if spec.train_eval:
