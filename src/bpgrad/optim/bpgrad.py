@@ -8,6 +8,7 @@ The update, per step :math:`t` (the official MatConvNet code's rule)::
     m_t   = min(m_{t-1}, F_t)                     m_0 = +inf, never reset
     n_t   = ||concat of all raw gradients||_2 + eps      one norm over every group
     eta_t = lr * (F_t - rho * m_t) / lipschitz           per group
+    lipschitz="auto": L_t = max(max_{tau<=t} n_tau, W_0 gamma^t)   (docs/lipschitz.md)
     d     = (grad + weight_decay * p) / n_t              per parameter
     matconvnet style: v = momentum v - d;      p = p + eta_t v
     port style:       v = momentum v - eta_t d; p = p + v
@@ -92,7 +93,13 @@ class BPGrad(Optimizer):
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
         lipschitz: :math:`L`, the Lipschitz constant of the loss w.r.t. the parameters (a bound on
             ``||grad f||``, not the smoothness constant). Acts like an inverse learning rate. The
-            official CIFAR-10 code uses 50. Per group.
+            official CIFAR-10 code uses 50. Per group. ``"auto"`` estimates it online, on the
+            device, as :math:`\hat L_t = \max(\max_{\tau \le t} n_\tau,\ W_0 \gamma^t)`: the
+            running max of the global gradient norm :math:`n_\tau` (the smallest L consistent
+            with the observed gradients), floored during warm-up by
+            :math:`W_0 = F_0 / (\varepsilon (1 + \|x_0\|))`, which bounds the first step to
+            :math:`(1-\rho)\,\varepsilon (1 + \|x_0\|)`. One estimate shared by all auto groups,
+            identical on every DDP rank, kept in ``state_dict``; see docs/lipschitz.md.
         rho: :math:`\rho \in [0, 1)`, turns the best objective seen into the estimate
             :math:`\hat f^* = \rho\, m_t` of the global minimum. 0 gives the guaranteed lower bound
             0 (for ``f >= 0``); the official code uses 0.1. Per group.
@@ -118,6 +125,8 @@ class BPGrad(Optimizer):
         foreach, fused: kernel choice as in ``torch.optim`` (``None`` picks the fused kernel,
             ``torch._fused_sgd_``, for the matconvnet style on cpu/cuda/mps/xpu, else foreach;
             under ``torch.compile`` foreach, which inductor fuses). Per group.
+        auto_warmup: :math:`\varepsilon \ge 0` of the ``"auto"`` warm-up floor (0 disables it).
+        auto_warmup_decay: :math:`\gamma \in [0, 1)`, per-step decay of the warm-up floor.
         strict: check every step on the host and raise :class:`BPGradError` for a non-finite or
             negative loss, a non-finite gradient or a zero gradient norm. Costs one host sync per
             step; by default such steps are skipped on the device and counted instead.
@@ -133,7 +142,8 @@ class BPGrad(Optimizer):
         without touching any state.
 
     Observability: after each step :attr:`stats` holds 0-dim tensors ``eta`` (group 0),
-    ``eta_groups``, ``grad_norm``, ``objective``, ``running_min``, ``steps`` and
+    ``eta_groups``, ``grad_norm``, ``objective``, ``running_min``, ``lipschitz`` (the L used by
+    group 0, the estimate under ``"auto"``), ``lipschitz_groups``, ``steps`` and
     ``skipped_steps``; reading them costs nothing until you convert them to Python numbers.
 
     Bad input: a non-finite loss or gradient, or a zero gradient norm, skips the step (no
@@ -151,7 +161,7 @@ class BPGrad(Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lipschitz: float | torch.Tensor = 50.0,
+        lipschitz: float | torch.Tensor | Literal["auto"] = 50.0,
         rho: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
