@@ -15,5 +15,6 @@ __all__ = [
     "OptimizeResult",
     "__version__",
     "bpgrad",
+    "estimate_lipschitz",
     "minimize",
 ]
