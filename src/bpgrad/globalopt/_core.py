@@ -82,6 +82,10 @@ class _Index:
         self.node_val: list[float] = [0.0]
         self.node_left: list[int] = [-1]
         self.node_leaf: list[int] = [self._new_leaf()]
+        # Leaf distances of the last query point, valid until the next insert: a new cell
+        # centre is asked whether it lies in a ball and, when evaluated, for its slopes.
+        self.dist_key: bytes | None = None
+        self.dist_val: FloatArray = self.fb[:0]
 
     def _new_leaf(self) -> int:
         if self.m == self.lo.shape[0]:
@@ -133,6 +137,7 @@ class _Index:
 
     def insert(self, i: int, X: FloatArray, F: FloatArray) -> None:
         """Add sample i (already stored in X[i], F[i]); X and F are the sample arrays."""
+        self.dist_key = None
         x = X[i]
         xs = x.tolist()
         v = 0
@@ -158,6 +163,15 @@ class _Index:
     def points(self, leaves: NDArray[np.int64]) -> NDArray[np.int64]:
         mem = self.members[leaves].ravel()
         return mem[mem >= 0]
+
+    def dists(self, y: FloatArray) -> FloatArray:
+        """Per leaf, the Euclidean distance from y to the leaf's bounding box: (m,)."""
+        key = y.tobytes()
+        if key != self.dist_key:
+            gap = self.gaps(y)
+            self.dist_val = np.sqrt(np.einsum("ij,ij->i", gap, gap))
+            self.dist_key = key
+        return self.dist_val
 
     def gaps(self, y: FloatArray) -> FloatArray:
         """Per leaf and coordinate, the distance from y to the leaf's bounding box: (m, d)."""
@@ -218,19 +232,18 @@ class _Samples:
                 cand = None
             else:
                 ix = self.index
-                gap = ix.gaps(x)
-                dist = np.sqrt(np.einsum("ij,ij->i", gap, gap))
+                dist = ix.dists(x)
                 df = np.maximum(f - ix.fmin[: ix.m], ix.fb[: ix.m] - f)
-                cand = ix.points(np.flatnonzero(df >= self.slope_max * (1 - 1e-9) * dist))
+                cand = ix.points((df >= self.slope_max * (1 - 1e-9) * dist).nonzero()[0])
             Xc = self.X[:i] if cand is None else self.X[cand]
-            Fc = self.F[:i] if cand is None else self.F[cand]
             Fbc = self.Fb[:i] if cand is None else self.Fb[cand]
             diff = Xc - x
             dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            ok = np.isfinite(Fbc) & (dist > 0)
-            if ok.any():
-                s = float(np.max(np.abs(Fc[ok] - f) / dist[ok]))
-                self.slope_max = max(self.slope_max, s)
+            # Fb is finite or -inf, and equals F where finite.
+            ok = (Fbc > -math.inf) & (dist > 0)
+            sl = np.abs(Fbc[ok] - f) / dist[ok]
+            if sl.size:
+                self.slope_max = max(self.slope_max, float(sl.max()))
         if g is not None and np.all(np.isfinite(g)):
             self.G[i] = g
             self.slope_max = max(self.slope_max, float(np.linalg.norm(g)))
@@ -262,15 +275,14 @@ class _Samples:
             X, Fb = self.X[:n], self.Fb[:n]
         else:
             ix = self.index
-            gap = ix.gaps(y)
-            top = ix.fb[: ix.m] - L * np.sqrt(np.einsum("ij,ij->i", gap, gap))
-            cand = ix.points(np.flatnonzero(top >= thr - self._margin(thr, L)))
+            top = ix.fb[: ix.m] - L * ix.dists(y)
+            cand = ix.points((top >= thr - self._margin(thr, L)).nonzero()[0])
             if cand.size == 0:
                 return -math.inf
             X, Fb = self.X[cand], self.Fb[cand]
         diff = X - y
         vals = Fb - L * np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        return float(np.max(vals))
+        return float(vals.max())
 
     def box_terms(
         self, lo: FloatArray, hi: FloatArray, L: float
@@ -283,31 +295,51 @@ class _Samples:
         n = self.n
         if n == 0:
             return -math.inf, np.full(_K_TERMS, -1, dtype=np.int64)
-        return self._top_terms(np.arange(n, dtype=np.int64), lo, hi, L)
+        bound, terms = self._top_terms(np.arange(n, dtype=np.int64), lo[None], hi[None], L)
+        return float(bound[0]), terms[0]
 
     def _top_terms(
-        self, cand: NDArray[np.int64], lo: FloatArray, hi: FloatArray, L: float
-    ) -> tuple[float, NDArray[np.int64]]:
+        self,
+        cand: NDArray[np.int64],
+        los: FloatArray,
+        his: FloatArray,
+        L: float,
+        k: int | None = None,
+    ) -> tuple[FloatArray, NDArray[np.int64]]:
+        """Bounds (b,) and kept terms (b, K) of the b boxes [los[j], his[j]] from samples cand.
+
+        With ``k`` given the boxes differ only along coordinate k, so the other coordinates of
+        far are computed once. Every element of far is the same expression as for one box, and
+        the rows of the stacked (b m, d) array reduce like the rows of one (m, d) array, so
+        batching changes no bit.
+        """
+        b, m, d = los.shape[0], cand.size, self.d
         X = self.X[cand]
-        far = np.maximum(np.abs(X - lo), np.abs(X - hi))
-        vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far))
-        m = cand.size
-        if m <= _K_TERMS:
-            idx = cand
+        if k is None or b == 1:
+            far = np.maximum(np.abs(X - los[:, None, :]), np.abs(X - his[:, None, :]))
         else:
-            idx = cand[np.argpartition(vals, m - _K_TERMS)[m - _K_TERMS :]]
-        terms = np.full(_K_TERMS, -1, dtype=np.int64)
-        terms[: idx.size] = idx
-        return float(np.max(vals)), terms
+            far = np.empty((b, m, d))
+            far[:] = np.maximum(np.abs(X - los[0]), np.abs(X - his[0]))
+            xk = X[:, k]
+            far[:, :, k] = np.maximum(np.abs(xk - los[:, k, None]), np.abs(xk - his[:, k, None]))
+        far = far.reshape(b * m, d)
+        vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far)).reshape(b, m)
+        terms = np.full((b, _K_TERMS), -1, dtype=np.int64)
+        if m <= _K_TERMS:
+            terms[:, :m] = cand
+        else:
+            terms[:] = cand[np.argpartition(vals, m - _K_TERMS, axis=1)[:, m - _K_TERMS :]]
+        return vals.max(axis=1), terms
 
     def split_terms(
         self,
-        boxes: list[tuple[FloatArray, FloatArray]],
+        los: FloatArray,
+        his: FloatArray,
         k: int,
         L: float,
-        seeds: NDArray[np.int64],
-    ) -> list[tuple[float, NDArray[np.int64]]]:
-        """``box_terms`` of the cells that split a parent along coordinate k, at once.
+        seeds: list[int],
+    ) -> tuple[FloatArray, NDArray[np.int64]]:
+        """``box_terms`` of the cells [los[j], his[j]] that split a parent along k, at once.
 
         The K-th best value of the ``seeds`` (the parent's kept samples) on each new cell is a
         lower limit of that cell's K-th best term, so only samples in leaves whose bound reaches
@@ -317,37 +349,36 @@ class _Samples:
         """
         n = self.n
         if n <= _SCAN_MAX:
-            cand = np.arange(n, dtype=np.int64)
-            return [self._top_terms(cand, clo, chi, L) for clo, chi in boxes]
+            return self._top_terms(np.arange(n, dtype=np.int64), los, his, L, k)
         ix = self.index
-        seeds = np.unique(seeds[seeds >= 0])
+        uniq = sorted({j for j in seeds if j >= 0})
         thr = -math.inf
-        if seeds.size >= _K_TERMS:
-            thr = math.inf
-            X, Fb = self.X[seeds], self.Fb[seeds]
-            for clo, chi in boxes:
-                far = np.maximum(np.abs(X - clo), np.abs(X - chi))
-                sv = Fb - L * np.sqrt(np.einsum("ij,ij->i", far, far))
-                thr = min(thr, float(np.partition(sv, sv.size - _K_TERMS)[-_K_TERMS]))
+        if len(uniq) >= _K_TERMS:
+            ns, b, d = len(uniq), los.shape[0], self.d
+            X, Fb = self.X[uniq], self.Fb[uniq]
+            far = np.maximum(np.abs(X - los[:, None, :]), np.abs(X - his[:, None, :]))
+            far = far.reshape(b * ns, d)
+            sv = Fb - L * np.sqrt(np.einsum("ij,ij->i", far, far)).reshape(b, ns)
+            sv.partition(ns - _K_TERMS, axis=1)
+            thr = float(sv[:, ns - _K_TERMS].min())
         if thr > -math.inf:
-            lo0, hi0 = boxes[0]
+            lo0, hi0 = los[0], his[0]
             gap = ix.gaps(0.5 * (lo0 + hi0)) + 0.5 * (hi0 - lo0)
-            lk, hk = ix.lo[: ix.m, k], ix.hi[: ix.m, k]
-            for clo, chi in boxes[1:]:
-                ck, hw = 0.5 * (clo[k] + chi[k]), 0.5 * (chi[k] - clo[k])
-                gk = np.maximum(np.maximum(lk - ck, ck - hk), 0.0) + hw
-                np.minimum(gap[:, k], gk, out=gap[:, k])
+            lk, hk = ix.lo[: ix.m, k, None], ix.hi[: ix.m, k, None]
+            ck, hw = 0.5 * (los[1:, k] + his[1:, k]), 0.5 * (his[1:, k] - los[1:, k])
+            gk = np.maximum(np.maximum(lk - ck, ck - hk), 0.0) + hw
+            np.minimum(gap[:, k], gk.min(axis=1), out=gap[:, k])
             top = ix.fb[: ix.m] - L * np.sqrt(np.einsum("ij,ij->i", gap, gap))
-            cand = ix.points(np.flatnonzero(top >= thr - self._margin(thr, L)))
+            cand = ix.points((top >= thr - self._margin(thr, L)).nonzero()[0])
         else:
             cand = ix.points(np.arange(ix.m, dtype=np.int64))
-        return [self._top_terms(cand, clo, chi, L) for clo, chi in boxes]
+        return self._top_terms(cand, los, his, L, k)
 
 
 class _Tree:
     """The trisection partition of the box: cells, their lower bounds, a lazy min-heap."""
 
-    def __init__(self, d: int, rng: np.random.Generator) -> None:
+    def __init__(self, d: int, rng: np.random.Generator, key_chunk: int = _KEY_CHUNK) -> None:
         cap = 256
         self.d = d
         self.n = 0
@@ -366,6 +397,11 @@ class _Tree:
         # best cell of every size.
         self.by_size: dict[int, list[tuple[float, float, int]]] = {}
         self.rng = rng
+        # Tie-break keys come from one stream, drawn ``key_chunk`` at a time: rng.random(n)
+        # yields the same doubles as n calls of rng.random(), so the keys are unchanged.
+        self.key_chunk = key_chunk
+        self.keys: list[float] = []
+        self.kpos = 0
         self.pruned_min = math.inf
 
     def _grow(self) -> None:
@@ -395,14 +431,38 @@ class _Tree:
         self.n += 1
         return i
 
+    def add_many(self, los: FloatArray, his: FloatArray) -> int:
+        """Add the cells [los[j], his[j]] as consecutive indices; returns the first."""
+        b = los.shape[0]
+        while self.n + b > self.lo.shape[0]:
+            self._grow()
+        i = self.n
+        self.lo[i : i + b], self.hi[i : i + b] = los, his
+        self.n += b
+        return i
+
+    def key(self) -> float:
+        if self.kpos == len(self.keys):
+            self.keys = self.rng.random(self.key_chunk).tolist()
+            self.kpos = 0
+        self.kpos += 1
+        return self.keys[self.kpos - 1]
+
+    def take_keys(self, n: int) -> list[float]:
+        out = self.keys[self.kpos : self.kpos + n]
+        self.kpos += len(out)
+        if len(out) < n:
+            out += self.rng.random(n - len(out)).tolist()
+        return out
+
     def push(self, i: int) -> None:
         # Ties in the bound are broken by a seeded random key: the only use of ``seed``.
-        heapq.heappush(self.heap, (float(self.bound[i]), float(self.rng.random()), i))
+        heapq.heappush(self.heap, (float(self.bound[i]), self.key(), i))
 
     def push_size(self, i: int) -> None:
         key = round(float(self.size[i]) * 1e12)
         heap = self.by_size.setdefault(key, [])
-        heapq.heappush(heap, (float(self.value[i]), float(self.rng.random()), i))
+        heapq.heappush(heap, (float(self.value[i]), self.key(), i))
 
     def hull(self) -> list[int]:
         """Cells on the lower-right convex hull of (size, value): DIRECT's potentially optimal
@@ -460,21 +520,26 @@ class _Tree:
 
     def add_term(self, leaf: int, idx: int, S: _Samples, L: float) -> None:
         """Tighten a cell's bound with one more sample (the weakest kept term is replaced)."""
-        if not math.isfinite(S.Fb[idx]):
+        fb = S.Fb[idx]
+        if not math.isfinite(fb):
             return
-        far = np.maximum(np.abs(S.X[idx] - self.lo[leaf]), np.abs(S.X[idx] - self.hi[leaf]))
-        val = float(S.Fb[idx] - L * math.sqrt(float(far @ far)))
+        x, lo, hi = S.X[idx], self.lo[leaf], self.hi[leaf]
+        far = np.maximum(np.abs(x - lo), np.abs(x - hi))
+        val = float(fb - L * math.sqrt(float(far @ far)))
         terms = self.terms[leaf]
         if val > self.bound[leaf]:
             self.bound[leaf] = val
             if self.state[leaf] == _LEAF:
                 self.push(leaf)
-        free = np.flatnonzero(terms < 0)
-        if free.size:
-            terms[free[0]] = idx
+        tl = terms.tolist()
+        if -1 in tl:
+            terms[tl.index(-1)] = idx
             return
-        tv = self._term_values(np.array([leaf]), S, L)[0]
-        j = int(np.argmin(tv))
+        # All K terms are set: their values, row by row as _term_values computes them.
+        X = S.X[terms]
+        far = np.maximum(np.abs(X - lo), np.abs(X - hi))
+        tv = S.Fb[terms] - L * np.sqrt(np.einsum("kd,kd->k", far, far))
+        j = int(tv.argmin())
         if val > tv[j]:
             terms[j] = idx
 
@@ -501,10 +566,8 @@ class _Tree:
         retired = cells[self.state[cells] == _RETIRED]
         self.pruned_min = float(self.bound[retired].min()) if retired.size else math.inf
         live = cells[self.state[cells] == _LEAF]
-        keys = self.rng.random(live.size)
-        self.heap = [
-            (float(self.bound[i]), float(k), int(i)) for i, k in zip(live, keys, strict=True)
-        ]
+        keys = self.take_keys(live.size)
+        self.heap = list(zip(self.bound[live].tolist(), keys, live.tolist(), strict=True))
         heapq.heapify(self.heap)
         self.by_size = {}
         for i in live:
@@ -696,6 +759,7 @@ def minimize(
         strategy=strategy,
         callback=callback,
         rng=rng,
+        user_rng=isinstance(seed, (np.random.Generator, np.random.BitGenerator)),
     )
     return run.solve()
 
@@ -735,6 +799,7 @@ class _Run:
         strategy: str,
         callback: Callable[[OptimizeResult], Any] | None,
         rng: np.random.Generator,
+        user_rng: bool = False,
     ) -> None:
         self.func, self.args, self.jac = func, args, jac
         self.lb, self.ub = lb, ub
@@ -750,7 +815,9 @@ class _Run:
         self.strategy = strategy
         self.callback = callback
         self.S = _Samples(self.d, lb, ub)
-        self.T = _Tree(self.d, rng)
+        # A caller's own Generator is advanced exactly as far as the keys used (one draw per
+        # key); a generator made here from an integer seed is free to run ahead in chunks.
+        self.T = _Tree(self.d, rng, 1 if user_rng else _KEY_CHUNK)
         self.nfev = 0
         self.njev = 0
         self.nit = 0
@@ -866,27 +933,38 @@ class _Run:
         """Put a non-centre sample into the partition as a bound term of its cell."""
         self.T.add_term(self.T.leaf_of(self.S.X[i]), i, self.S, self.L)
 
-    def _place(self, c: int, center_lower: float | None) -> None:
-        """Set a new cell's ranking value and size; prune it or make it live."""
+    def _place(
+        self, c: int, center_lower: float | None, fh: float, rel: FloatArray | None = None
+    ) -> None:
+        """Set a new cell's ranking value and size; prune it or make it live.
+
+        ``fh`` is the current f̂*; ``rel`` the cell's widths over the box widths if known.
+        """
         T = self.T
         i = int(T.center[c])
-        if i >= 0 and math.isfinite(self.S.F[i]):
-            T.value[c] = self.S.F[i]
+        fc = float(self.S.F[i]) if i >= 0 else math.nan
+        finite = math.isfinite(fc)
+        if finite:
+            T.value[c] = fc
         elif center_lower is not None:
             T.value[c] = center_lower
         else:
             y = 0.5 * (T.lo[c] + T.hi[c])
             T.value[c] = self.S.lower_above(y, self.L, -math.inf)
-        T.size[c] = 0.5 * float(np.linalg.norm((T.hi[c] - T.lo[c]) / self.width))
-        if T.bound[c] > self.fhat():
+        if rel is None:
+            rel = (T.hi[c] - T.lo[c]) / self.width
+        # The same sqrt(rel . rel) as np.linalg.norm(rel), without its overhead.
+        T.size[c] = 0.5 * math.sqrt(float(rel @ rel))
+        bound = float(T.bound[c])
+        if bound > fh:
             T.state[c] = _PRUNED
-            T.pruned_min = min(T.pruned_min, float(T.bound[c]))
+            T.pruned_min = min(T.pruned_min, bound)
         else:
             T.push(c)
             # Only cells with a finite centre value compete in the DIRECT-style hull; the others
             # (centre inside a ball, or NaN) are divided only when the hull is empty, so a
             # known L never spends time dividing cells that it cannot evaluate.
-            if i >= 0 and math.isfinite(self.S.F[i]):
+            if finite:
                 T.push_size(c)
 
     def _refresh_L(self) -> None:
@@ -905,7 +983,7 @@ class _Run:
             self.T.center[root] = c
             self._refresh_L()
             self.T.bound[root], self.T.terms[root] = self.S.box_terms(self.lb, self.ub, self.L)
-            self._place(root, None)
+            self._place(root, None, self.fhat())
             self._after_sample(c, branch_queue, 0)
             while True:
                 self._refresh_L()
@@ -1004,39 +1082,40 @@ class _Run:
             T.state[leaf] = _RETIRED
             T.pruned_min = min(T.pruned_min, float(T.bound[leaf]))
             return
-        k = int(np.argmax(rel))
+        k = int(rel.argmax())
         a, b = lo[k] + w[k] / 3, lo[k] + 2 * w[k] / 3
-        edges = ((lo[k], a), (a, b), (b, hi[k]))
-        kids = []
-        boxes = []
-        for e0, e1 in edges:
-            clo, chi = lo.copy(), hi.copy()
-            clo[k], chi[k] = e0, e1
-            boxes.append((clo, chi))
-            kids.append(T.add(clo, chi))
-        T.child[leaf] = kids[0]
+        los, his = lo[None].repeat(3, axis=0), hi[None].repeat(3, axis=0)
+        los[1, k], los[2, k] = a, b
+        his[0, k], his[1, k] = a, b
+        k0 = T.add_many(los, his)
+        kids = (k0, k0 + 1, k0 + 2)
+        ctr = int(T.center[leaf])
+        T.child[leaf] = k0
         T.sdim[leaf] = k
         T.state[leaf] = _SPLIT
-        T.center[kids[1]] = T.center[leaf]
-        seeds = np.append(T.terms[leaf], T.center[leaf])
-        for c, bt in zip(kids, S.split_terms(boxes, k, self.L, seeds), strict=True):
-            T.bound[c], T.terms[c] = bt
+        T.center[k0 + 1] = ctr
+        seeds = T.terms[leaf].tolist()
+        seeds.append(ctr)
+        T.bound[k0 : k0 + 3], T.terms[k0 : k0 + 3] = S.split_terms(los, his, k, self.L, seeds)
         new = []
-        lowers: dict[int, float | None] = {kids[1]: None}
-        if T.center[leaf] < 0:
-            lowers[kids[1]] = float(T.value[leaf])
-        for c in (kids[0], kids[2]):
-            y = 0.5 * (T.lo[c] + T.hi[c])
+        lowers: list[float | None] = [None, None, None]
+        if ctr < 0:
+            lowers[1] = float(T.value[leaf])
+        for j in (0, 2):
+            c = kids[j]
+            y = 0.5 * (los[j] + his[j])
             thr = self._prune_level()
             lower = S.lower_above(y, self.L, thr)
-            lowers[c] = lower
+            lowers[j] = lower
             if not lower > thr:
                 s = self.evaluate(y, GLOBAL, self.do_branch)
                 T.center[c] = s
                 T.add_term(c, s, S, self.L)
                 new.append(s)
-        for c in kids:
-            self._place(c, lowers[c])
+        fh = self.fhat()
+        rels = (his - los) / self.width
+        for j in range(3):
+            self._place(kids[j], lowers[j], fh, rels[j])
         for s in new:
             self._after_sample(s, branch_queue, 0)
 
