@@ -2,45 +2,101 @@
 
 Runs a cheap objective (Rastrigin, ~15 µs per call) with ``polish=False`` so every evaluation is a
 global sample, measures total wall time and subtracts the objective's own time (timed in a
-separate loop over the same points). Usage::
+separate loop over the same points). With ``--rev REV`` it also loads ``_core.py`` as it is at
+that git revision and runs both versions back to back in this one process, ``--reps`` times each
+(the minimum is kept), so machine load affects both alike; the evaluated points must be
+identical. Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/globalopt_overhead.py [--max 100000]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/globalopt_overhead.py --rev b802414 --reps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bpgrad.globalopt import minimize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rastrigin(x: np.ndarray) -> float:
     return float(10 * x.size + np.sum(x * x - 10 * np.cos(2 * np.pi * x)))
 
 
+def load_reference(rev: str) -> Any:
+    src = subprocess.run(
+        ["git", "show", f"{rev}:src/bpgrad/globalopt/_core.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "_core_ref.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("bpgrad.globalopt._core_ref", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def overhead(
+    fn: Callable[..., Any], bounds: list[tuple[float, float]], n: int
+) -> tuple[Any, float, float, float]:
+    t0 = time.perf_counter()
+    res = fn(rastrigin, bounds, maxfev=n, polish=False)
+    total = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for x in res.history_x:
+        rastrigin(x)
+    fobj = time.perf_counter() - t1
+    return res, total, fobj, (total - fobj) / res.nfev * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max", type=int, default=100_000)
     ap.add_argument("--dims", type=int, nargs="*", default=[2, 6])
+    ap.add_argument("--rev", default=None, help="also time _core.py at this git revision")
+    ap.add_argument("--reps", type=int, default=1)
     a = ap.parse_args()
-    print("| d | evaluations | total s | objective s | overhead µs/eval |")
-    print("|---|---|---|---|---|")
+    ref = None if a.rev is None else load_reference(a.rev)
+    if ref is None:
+        print("| d | evaluations | total s | objective s | overhead µs/eval |")
+        print("|---|---|---|---|---|")
+    else:
+        print(f"| d | evaluations | {a.rev} µs/eval | working tree µs/eval | ratio |")
+        print("|---|---|---|---|---|")
     for d in a.dims:
         bounds = [(-5.12, 4.0 + 0.1 * i) for i in range(d)]
         n = 1000
         while n <= a.max:
-            t0 = time.perf_counter()
-            res = minimize(rastrigin, bounds, maxfev=n, polish=False)
-            total = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for x in res.history_x:
-                rastrigin(x)
-            fobj = time.perf_counter() - t1
-            over = (total - fobj) / res.nfev * 1e6
-            print(f"| {d} | {res.nfev} | {total:.2f} | {fobj:.2f} | {over:.0f} |", flush=True)
+            if ref is None:
+                res, total, fobj, over = overhead(minimize, bounds, n)
+                print(f"| {d} | {res.nfev} | {total:.2f} | {fobj:.2f} | {over:.0f} |", flush=True)
+            else:
+                before, after = [], []
+                for _ in range(a.reps):
+                    r_ref, *_, o_ref = overhead(ref.minimize, bounds, n)
+                    r_new, *_, o_new = overhead(minimize, bounds, n)
+                    if not np.array_equal(r_ref.history_x, r_new.history_x):
+                        raise SystemExit(f"d={d} n={n}: the two versions evaluated other points")
+                    before.append(o_ref)
+                    after.append(o_new)
+                b, w = min(before), min(after)
+                print(f"| {d} | {r_new.nfev} | {b:.0f} | {w:.0f} | {b / w:.2f} |", flush=True)
             n *= 10
     return 0
 

@@ -31,6 +31,7 @@ _L_GRID = 1.1  # estimated L is rounded up to a power of this, so the cell bound
 _LEAF_CAP = 32  # samples per leaf of the spatial index
 _SCAN_MAX = 256  # below this many samples a plain O(n d) scan is cheaper than the index
 _KEY_CHUNK = 1024  # random tie-break keys drawn per call of the generator
+_ROWS = np.arange(3)[:, None]  # row index of the three new cells of a division
 
 
 class _Stop(Exception):
@@ -295,7 +296,7 @@ class _Samples:
         n = self.n
         if n == 0:
             return -math.inf, np.full(_K_TERMS, -1, dtype=np.int64)
-        bound, terms = self._top_terms(np.arange(n, dtype=np.int64), lo[None], hi[None], L)
+        bound, terms, _ = self._top_terms(np.arange(n, dtype=np.int64), lo[None], hi[None], L)
         return float(bound[0]), terms[0]
 
     def _top_terms(
@@ -305,8 +306,9 @@ class _Samples:
         his: FloatArray,
         L: float,
         k: int | None = None,
-    ) -> tuple[FloatArray, NDArray[np.int64]]:
-        """Bounds (b,) and kept terms (b, K) of the b boxes [los[j], his[j]] from samples cand.
+    ) -> tuple[FloatArray, NDArray[np.int64], FloatArray | None]:
+        """Bounds (b,), kept terms (b, K) and their values (b, K; None when fewer than K
+        samples) of the b boxes [los[j], his[j]] from samples cand.
 
         With ``k`` given the boxes differ only along coordinate k, so the other coordinates of
         far are computed once. Every element of far is the same expression as for one box, and
@@ -325,11 +327,14 @@ class _Samples:
         far = far.reshape(b * m, d)
         vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far)).reshape(b, m)
         terms = np.full((b, _K_TERMS), -1, dtype=np.int64)
+        tv = None
         if m <= _K_TERMS:
             terms[:, :m] = cand
         else:
-            terms[:] = cand[np.argpartition(vals, m - _K_TERMS, axis=1)[:, m - _K_TERMS :]]
-        return vals.max(axis=1), terms
+            part = np.argpartition(vals, m - _K_TERMS, axis=1)[:, m - _K_TERMS :]
+            terms[:] = cand[part]
+            tv = vals[_ROWS[:b], part]
+        return vals.max(axis=1), terms, tv
 
     def split_terms(
         self,
@@ -338,7 +343,7 @@ class _Samples:
         k: int,
         L: float,
         seeds: list[int],
-    ) -> tuple[FloatArray, NDArray[np.int64]]:
+    ) -> tuple[FloatArray, NDArray[np.int64], FloatArray | None]:
         """``box_terms`` of the cells [los[j], his[j]] that split a parent along k, at once.
 
         The K-th best value of the ``seeds`` (the parent's kept samples) on each new cell is a
@@ -363,7 +368,11 @@ class _Samples:
             thr = float(sv[:, ns - _K_TERMS].min())
         if thr > -math.inf:
             lo0, hi0 = los[0], his[0]
-            gap = ix.gaps(0.5 * (lo0 + hi0)) + 0.5 * (hi0 - lo0)
+            y0 = 0.5 * (lo0 + hi0)
+            gap = ix.gaps(y0)
+            # y0 is the first new cell's centre, asked next whether it lies in a ball.
+            ix.dist_key, ix.dist_val = y0.tobytes(), np.sqrt(np.einsum("ij,ij->i", gap, gap))
+            gap += 0.5 * (hi0 - lo0)
             lk, hk = ix.lo[: ix.m, k, None], ix.hi[: ix.m, k, None]
             ck, hw = 0.5 * (los[1:, k] + his[1:, k]), 0.5 * (his[1:, k] - los[1:, k])
             gk = np.maximum(np.maximum(lk - ck, ck - hk), 0.0) + hw
@@ -391,6 +400,10 @@ class _Tree:
         self.state = np.zeros(cap, dtype=np.int8)
         self.center = np.full(cap, -1, dtype=np.int64)
         self.value = np.full(cap, math.inf)  # centre value, or its Lipschitz lower estimate
+        # Values of the kept terms as the split computed them, valid while tval_L equals L
+        # (any change of a cell's terms sets its tval_L to NaN).
+        self.tval = np.zeros((cap, _K_TERMS))
+        self.tval_L = np.full(cap, math.nan)
         self.size = np.zeros(cap)  # half-diagonal in box-normalised coordinates
         self.heap: list[tuple[float, float, int]] = []
         # One min-heap of (value, tie, cell) per cell size: DIRECT-style selection reads the
@@ -417,6 +430,8 @@ class _Tree:
             ("center", -1),
             ("value", math.inf),
             ("size", 0.0),
+            ("tval", 0.0),
+            ("tval_L", math.nan),
         ):
             old = getattr(self, name)
             new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
@@ -534,14 +549,19 @@ class _Tree:
         tl = terms.tolist()
         if -1 in tl:
             terms[tl.index(-1)] = idx
+            self.tval_L[leaf] = math.nan
             return
         # All K terms are set: their values, row by row as _term_values computes them.
-        X = S.X[terms]
-        far = np.maximum(np.abs(X - lo), np.abs(X - hi))
-        tv = S.Fb[terms] - L * np.sqrt(np.einsum("kd,kd->k", far, far))
+        if self.tval_L[leaf] == L:
+            tv = self.tval[leaf]
+        else:
+            X = S.X[terms]
+            far = np.maximum(np.abs(X - lo), np.abs(X - hi))
+            tv = S.Fb[terms] - L * np.sqrt(np.einsum("kd,kd->k", far, far))
         j = int(tv.argmin())
         if val > tv[j]:
             terms[j] = idx
+            self.tval_L[leaf] = math.nan
 
     def _term_values(self, cells: NDArray[np.int64], S: _Samples, L: float) -> FloatArray:
         t = self.terms[cells]  # (m, K)
@@ -1096,7 +1116,10 @@ class _Run:
         T.center[k0 + 1] = ctr
         seeds = T.terms[leaf].tolist()
         seeds.append(ctr)
-        T.bound[k0 : k0 + 3], T.terms[k0 : k0 + 3] = S.split_terms(los, his, k, self.L, seeds)
+        T.bound[k0 : k0 + 3], T.terms[k0 : k0 + 3], tv = S.split_terms(los, his, k, self.L, seeds)
+        if tv is not None:
+            T.tval[k0 : k0 + 3] = tv
+            T.tval_L[k0 : k0 + 3] = self.L
         new = []
         lowers: list[float | None] = [None, None, None]
         if ctr < 0:
