@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ def _sgd_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save(flat, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        gc.collect()  # free the DDP wrappers before the group goes
         dist.destroy_process_group()
 
 
@@ -141,6 +143,7 @@ def _runner_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         params = _trials(Path(out_dir) / "ddp", ctx, PER_RANK)
         torch.save(params, os.path.join(out_dir, f"params{rank}.pt"))
     finally:
+        gc.collect()  # free the DDP wrappers before the group goes
         dist.destroy_process_group()
 
 
@@ -217,6 +220,7 @@ def _resume_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                             options=opts, dist=ctx)
         assert outcome.resumed
     finally:
+        gc.collect()  # free the DDP wrappers before the group goes
         dist.destroy_process_group()
 
 

@@ -25,9 +25,9 @@ from bpgrad.bench.distributed import (
     env_rank,
     env_ranks,
     fail_fast,
+    finish_rank,
     init_from_env,
     launch,
-    shutdown,
 )
 from bpgrad.bench.optimizers import (
     HyperparameterError,
@@ -239,10 +239,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return run_compare(cfg, problems, trials)
     try:
         rc = run_compare(cfg, problems, trials, dist=ctx, device=device)
+        # Leave together: rank 0 writes the report meanwhile, and a rank that tears its group
+        # down while a peer still holds connections can abort at exit.
+        ctx.barrier()
     except BaseException as exc:  # any failure must end this rank, never hang it
         fail_fast(ctx, exc)
-    shutdown(ctx)
-    return rc
+    finish_rank(ctx, rc)
 
 
 def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any], *,

@@ -188,19 +188,43 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def finish_rank(ctx: DistContext, status: int) -> NoReturn:
+    """End a launched rank after a clean run: free the process group, then exit at once.
+
+    Exiting without interpreter finalisation avoids an abort seen now and then at exit on the
+    non-zero ranks with torch 2.13 and Gloo ("terminate called without an active exception",
+    SIGABRT), when C++ communication objects are torn down with the interpreter. Everything the
+    rank owns is on disk or flushed by then.
+    """
+    import gc
+
+    gc.collect()  # DDP wrappers of finished trials hold the group; free them while Python lives
+    shutdown(ctx)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def fail_fast(ctx: DistContext, exc: BaseException, *, command: str = "compare") -> NoReturn:
     """Report ``exc`` as this rank's failure and leave the process at once (exit status 1).
 
     Leaving without waiting in a collective is what keeps the other ranks from hanging: their
-    next collective sees the closed connection (or times out) and they fail fast too.
+    next collective sees the closed connection (or times out) and they fail fast too. Under
+    torch's launcher the message also goes to the rank's error file, so the launcher's summary
+    shows it. A rank that only lost its peers waits a moment before leaving, so that the
+    launcher sees the rank that failed first.
     """
     text_lower = str(exc).lower()
     timeout = "timeout" in text_lower or "timed out" in text_lower
-    if isinstance(exc, dist.DistError) or timeout:
+    secondary = isinstance(exc, dist.DistError) or timeout or any(
+        marker in text_lower for marker in _LOST_PEER_MARKERS
+    )
+    if secondary:
         why = (f"timed out after {ctx.timeout_s:g} s waiting for the other ranks" if timeout
                else "lost contact with another rank")
-        head = (f"bpgrad {command}: rank {ctx.rank} of {ctx.world_size} stopped: {why} (another "
-                "rank failed, died or hangs; see its message and the launcher's summary)")
+        head = (f"bpgrad {command}: rank {ctx.rank} of {ctx.world_size} {SECONDARY_MARK} {why} "
+                "(another rank failed, died or hangs; see its message and the launcher's "
+                f"summary): {type(exc).__name__}: {str(exc)[:300]}")
     else:
         head = (f"bpgrad {command}: rank {ctx.rank} of {ctx.world_size} failed: "
                 f"{type(exc).__name__}: {exc}")
@@ -210,7 +234,23 @@ def fail_fast(ctx: DistContext, exc: BaseException, *, command: str = "compare")
     sys.stderr.write(f"{text}{head}\n{tail}\n")
     sys.stderr.flush()
     sys.stdout.flush()
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(RuntimeError(head))  # no-op outside the launcher
+    except Exception:  # reporting must never keep a failed rank alive
+        pass
+    if secondary:
+        import time
+
+        time.sleep(_SECONDARY_DELAY_S)
     os._exit(1)
+
+
+#: words in a rank's failure message that say it only lost its peers (not the root cause)
+SECONDARY_MARK = "stopped:"
+_LOST_PEER_MARKERS = ("connection closed", "connection reset", "broken pipe", "remote worker")
+_SECONDARY_DELAY_S = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,18 +284,39 @@ def launch(nproc_per_node: int, argv: Sequence[str], *, threads: int | None = No
     try:
         torch_run.main(launcher_args(nproc_per_node, argv))
     except ChildFailedError as exc:
-        first = min(exc.failures.items(), key=lambda kv: kv[1].timestamp)
-        details = ", ".join(
-            f"rank {r} (local rank {f.local_rank}, pid {f.pid}, exit code {f.exitcode})"
-            for r, f in sorted(exc.failures.items())
+        # The root cause: a rank that did not merely lose its peers, else the earliest.
+        rank, failure = min(
+            exc.failures.items(),
+            key=lambda kv: (SECONDARY_MARK in _failure_text(kv[1].message), kv[1].timestamp,
+                            kv[0]),
         )
-        print(f"bpgrad {command}: rank {first[0]} failed first; failed: {details}. Finished "
-              "trials are written; rerun the same command to resume.", file=sys.stderr)
+        others = sorted(set(exc.failures) - {rank})
+        names = ", ".join(map(str, others))
+        if failure.exitcode < 0 and others:
+            # It did not fail by itself: the others gave up waiting for it (a hang) and the
+            # launcher then stopped it.
+            waited = _failure_text(exc.failures[others[0]].message)
+            text = (f"rank {rank} stopped answering (it was still running and the launcher "
+                    f"stopped it); rank(s) {names} gave up waiting: {waited}")
+        else:
+            text = (f"rank {rank} failed (local rank {failure.local_rank}, pid {failure.pid}, "
+                    f"exit code {failure.exitcode}): {_failure_text(failure.message)}"
+                    + (f"; then rank(s) {names} stopped" if others else ""))
+        print(f"bpgrad {command}: {text}. Finished trials are written; rerun the same command "
+              "to resume.", file=sys.stderr)
         return 1
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
     return 0
+
+
+def _failure_text(message: Any) -> str:
+    """The one-line message of a launcher failure record (a string or torch's JSON dict)."""
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    text = str(message) if message else "no message (killed by a signal?)"
+    return text.removeprefix("RuntimeError: ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""``bpgrad compare`` on 2 local Gloo processes: the launcher path, torchrun, faults, timeouts.
+
+Each command runs in a subprocess (torch's elastic launcher and 2 ranks), on the synthetic
+problem, 1 torch thread per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bpgrad.bench.cli import _argv_from_args
+from bpgrad.bench.distributed import launcher_args
+from bpgrad.bench.results import find_trial_files, read_records
+from bpgrad.cli import build_parser
+
+SMALL = ["--problem", "toy_blobs", "--epochs", "2", "--quiet", "--threads", "1"]
+VOLATILE = {"start_time", "end_time", "wall_time", "train_time"}
+
+
+def _run(args: list[str], *, env: dict[str, str] | None = None,
+         timeout: float = 55) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, check=False)
+
+
+def _stable(value: Any) -> Any:
+    """A record without the fields that differ between two identical runs (times)."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _results(out: Path) -> dict[str, list[Any]]:
+    return {p.relative_to(out).as_posix(): _stable(read_records(p)) for p in find_trial_files(out)}
+
+
+def test_argv_round_trip_and_launcher_arguments() -> None:
+    parser = build_parser()
+    argv = ["compare", "--problem", "toy_blobs", "--optimizers", "bpgrad,adam", "--seeds", "0,3",
+            "--set", "adam.lr=3e-4", "--set", "weight_decay=0", "--sweep", "lipschitz=10,50",
+            "--quiet", "--no-report", "--nproc-per-node", "2", "--dist-timeout", "9",
+            "--out", "runs/x"]
+    args = parser.parse_args(argv)
+    again = _argv_from_args(args.compare_parser, args, drop={"nproc_per_node"})
+    assert "--nproc-per-node" not in again
+    reparsed = parser.parse_args(["compare", *again])
+    for key, value in vars(args).items():
+        if key not in ("nproc_per_node", "compare_parser", "func"):
+            assert getattr(reparsed, key) == value, key
+    assert reparsed.nproc_per_node is None
+    assert launcher_args(2, ["compare", "--quiet"]) == [
+        "--standalone", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "0",
+        "--module", "bpgrad", "compare", "--quiet"]
+
+
+def test_nproc_per_node_writes_what_the_torchrun_command_writes(tmp_path: Path) -> None:
+    launcher, torchrun = tmp_path / "launcher", tmp_path / "torchrun"
+    common = [*SMALL, "--optimizers", "bpgrad,sgd"]
+    a = _run(["-m", "bpgrad", "compare", *common, "--out", str(launcher),
+              "--nproc-per-node", "2"])
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "bpgrad", "compare", *common, "--out", str(torchrun)])
+    assert b.returncode == 0, b.stderr[-3000:]
+    first, second = _results(launcher), _results(torchrun)
+    assert sorted(first) == ["toy_blobs/bpgrad/seed_0.jsonl", "toy_blobs/sgd/seed_0.jsonl"]
+    assert first == second
+    header = read_records(launcher / "toy_blobs" / "bpgrad" / "seed_0.jsonl")[0]
+    assert header["distributed"]["world_size"] == 2
+    assert header["budget"]["batch_size"] == 2 * 32  # toy_blobs' 32 per rank
+    # The same kind of report as a one-process run; its command reproduces the run.
+    report = (launcher / "report.md").read_text()
+    assert "--nproc-per-node 2" in report
+    assert (launcher / "plots" / "toy_blobs_train_loss.png").stat().st_size > 0
+    assert "final test acc" in a.stdout and a.stdout.count("report:") == 1
+
+
+def test_a_failing_rank_stops_the_run_and_a_rerun_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = ["-m", "bpgrad", "compare", *SMALL, "--optimizers", "sgd,adam", "--out", str(out),
+           "--nproc-per-node", "2", "--dist-timeout", "30"]
+    # Rank 1 raises at step 9 of the second trial (adam): 6 steps per epoch, so mid epoch 2,
+    # after the sgd trial finished and adam's epoch-1 checkpoint was written.
+    fault = {"BPGRAD_TEST_FAIL_RANK": "1", "BPGRAD_TEST_FAIL_STEP": "9",
+             "BPGRAD_TEST_FAIL_LABEL": "adam"}
+    t0 = time.monotonic()
+    failed = _run(cmd, env=fault, timeout=60)
+    assert time.monotonic() - t0 < 60
+    assert failed.returncode != 0
+    assert "rank 1 of 2 failed: RuntimeError: test fault hook" in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("bpgrad compare: rank 1 failed"), last
+    sgd = read_records(out / "toy_blobs" / "sgd" / "seed_0.jsonl")
+    assert sgd[-1]["kind"] == "summary" and sgd[-1]["status"] == "finished"
+    adam = read_records(out / "toy_blobs" / "adam" / "seed_0.jsonl")
+    assert adam[-1]["kind"] != "summary"
+    assert (out / "toy_blobs" / "adam" / "seed_0.ckpt.pt").exists()
+
+    rerun = _run(cmd, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_records(out / "toy_blobs" / "sgd" / "seed_0.jsonl") == sgd  # skipped
+    adam = read_records(out / "toy_blobs" / "adam" / "seed_0.jsonl")
+    assert adam[-1]["status"] == "finished" and adam[-1]["resumes"] == 1
+    assert not (out / "toy_blobs" / "adam" / "seed_0.ckpt.pt").exists()
+
+
+def test_a_hanging_rank_makes_the_others_time_out(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    hang = {"BPGRAD_TEST_FAIL_RANK": "1", "BPGRAD_TEST_FAIL_STEP": "3",
+            "BPGRAD_TEST_FAIL_MODE": "hang"}
+    t0 = time.monotonic()
+    res = _run(["-m", "bpgrad", "compare", *SMALL, "--optimizers", "sgd", "--out", str(out),
+                "--nproc-per-node", "2", "--dist-timeout", "4"], env=hang, timeout=55)
+    elapsed = time.monotonic() - t0
+    assert res.returncode != 0
+    assert elapsed < 45
+    assert "rank 0 of 2 stopped: timed out after 4 s waiting for the other ranks" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("bpgrad compare: rank 1 stopped answering"), last
