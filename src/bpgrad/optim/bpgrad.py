@@ -453,7 +453,10 @@ class BPGrad(Optimizer):
         rescale = torch.where(ok, norm / gstate["buffer_scale"], 1.0)
         gstate["buffer_scale"].copy_(torch.where(ok, norm, gstate["buffer_scale"]))
 
-        lipschitz_hat = self._auto_lipschitz(gstate, ok=ok, norm=norm, objective=objective)
+        # The estimate costs a few device ops per step: only groups with lipschitz="auto" pay.
+        uses_auto = any(isinstance(g["lipschitz"], str) for g in self.param_groups)
+        lipschitz_hat = (self._auto_lipschitz(gstate, ok=ok, norm=norm, objective=objective)
+                         if uses_auto else None)
         etas = []
         lipschitzes = []
         for group, params, grads, bufs, idle in zip(
@@ -462,6 +465,7 @@ class BPGrad(Optimizer):
         ):
             lr, lipschitz = group["lr"], group["lipschitz"]
             if isinstance(lipschitz, str):  # "auto" (validated)
+                assert lipschitz_hat is not None
                 lipschitz = lipschitz_hat
             lipschitzes.append(_scalar(lipschitz, like=like))
             eta = (objective - group["rho"] * running_min)
