@@ -43,6 +43,8 @@ class _Stop(Exception):
 
 
 def _as_scalar(value: Any) -> float:
+    if isinstance(value, float):  # float or np.float64: the common case, no array needed
+        return float(value)
     arr = np.asarray(value, dtype=np.float64)
     if arr.size != 1:
         raise ValueError(
