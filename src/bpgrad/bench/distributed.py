@@ -134,6 +134,12 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with rank 0's values."""
+        if self.enabled:
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
     def barrier(self) -> None:
         """Wait for every rank (bounded by the process group's timeout)."""
         if self.enabled:

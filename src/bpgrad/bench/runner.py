@@ -488,6 +488,10 @@ def run_trial(
     def epoch_metrics() -> dict[str, float | None]:
         if spec.train_eval:
             opt.eval()  # type: ignore[attr-defined]
+        if ctx.enabled:
+            # Buffers (BatchNorm statistics) were last updated from each rank's own slice; every
+            # rank evaluates with rank 0's, as DDP trains with them.
+            ctx.broadcast_tensors_([b for b in model.buffers() if b.is_floating_point()])
         v = evaluate(problem, model, valid, eval_batch_size, ctx)
         t = evaluate(problem, model, test, eval_batch_size, ctx)
         return {
