@@ -127,3 +127,46 @@ def test_a_hanging_rank_makes_the_others_time_out(tmp_path: Path) -> None:
     assert "rank 0 of 2 stopped: timed out after 4 s waiting for the other ranks" in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("bpgrad compare: rank 1 stopped answering"), last
+
+
+def _failure(rank: int, exitcode: int, message: str, timestamp: int) -> Any:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failure = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode,
+                             error_file="/nonexistent")
+    failure.message, failure.timestamp = message, timestamp
+    return failure
+
+
+def test_the_launcher_summary_names_the_root_cause(monkeypatch, capsys) -> None:
+    # Deterministic versions of the races the process tests can hit: which rank the launcher
+    # saw first, and whether a peer was killed before it could say it lost contact.
+    from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from bpgrad.bench.distributed import launch
+
+    cases = {
+        "raise, peer reported": ({
+            0: _failure(0, 1, "bpgrad compare: rank 0 of 2 stopped: lost contact", 100),
+            1: _failure(1, 1, "bpgrad compare: rank 1 of 2 failed: RuntimeError: boom", 101)},
+            "bpgrad compare: rank 1 failed (local rank 1, pid 1001, exit code 1): bpgrad "
+            "compare: rank 1 of 2 failed: RuntimeError: boom; then rank(s) 0 stopped"),
+        "raise, peer killed first": ({
+            0: _failure(0, -15, "Signal 15 (SIGTERM) received by PID 1000", 100),
+            1: _failure(1, 1, "bpgrad compare: rank 1 of 2 failed: RuntimeError: boom", 101)},
+            "bpgrad compare: rank 1 failed (local rank 1"),
+        "hang": ({
+            0: _failure(0, 1, "bpgrad compare: rank 0 of 2 stopped: timed out after 4 s", 100),
+            1: _failure(1, -15, "Signal 15 (SIGTERM) received by PID 1001", 100)},
+            "bpgrad compare: rank 1 stopped answering"),
+    }
+    for name, (failures, expected) in cases.items():
+        def fake_main(args: list[str], failures: dict[int, Any] = failures) -> None:
+            raise ChildFailedError("bpgrad", failures)
+
+        monkeypatch.setattr(torch_run, "main", fake_main)
+        assert launch(2, ["compare"]) == 1, name
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(expected), (name, line)
+        assert line.endswith("rerun the same command to resume."), (name, line)

@@ -290,12 +290,7 @@ def launch(nproc_per_node: int, argv: Sequence[str], *, threads: int | None = No
     try:
         torch_run.main(launcher_args(nproc_per_node, argv))
     except ChildFailedError as exc:
-        # The root cause: a rank that did not merely lose its peers, else the earliest.
-        rank, failure = min(
-            exc.failures.items(),
-            key=lambda kv: (SECONDARY_MARK in _failure_text(kv[1].message), kv[1].timestamp,
-                            kv[0]),
-        )
+        rank, failure = min(exc.failures.items(), key=_root_cause_key)
         others = sorted(set(exc.failures) - {rank})
         names = ", ".join(map(str, others))
         if failure.exitcode < 0 and others:
@@ -315,6 +310,23 @@ def launch(nproc_per_node: int, argv: Sequence[str], *, threads: int | None = No
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
     return 0
+
+
+def _root_cause_key(item: tuple[int, Any]) -> tuple[int, int, int]:
+    """Order launcher failures by how likely each is the root cause (smallest first).
+
+    A rank that exited by itself with its own error comes first; then a rank killed by a signal
+    (the launcher stops ranks that are still running: a hung rank, or one that was about to
+    report a lost peer); last a rank that only reported losing its peers or timing out.
+    """
+    rank, failure = item
+    if SECONDARY_MARK in _failure_text(failure.message):
+        kind = 2
+    elif failure.exitcode < 0:
+        kind = 1
+    else:
+        kind = 0
+    return kind, int(failure.timestamp), rank
 
 
 def _failure_text(message: Any) -> str:
