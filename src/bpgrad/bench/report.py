@@ -33,8 +33,10 @@ def _setup_lines(trials: list[Trial]) -> list[str]:
     lines = [
         f"- problem: `{first['problem']['name']}` — {first['problem'].get('description', '')}",
         f"- budget: {budget['epochs']} epoch(s) × {budget['steps_per_epoch']} steps, batch "
-        f"{budget['batch_size']}" + (f" (limited to {limit} minibatches per epoch)" if limit
-                                     else ""),
+        f"{budget['batch_size']}"
+        + (f" ({budget['world_size']} processes × {budget['per_rank_batch_size']})"
+           if budget.get("world_size") else "")
+        + (f" (limited to {limit} minibatches per epoch)" if limit else ""),
         f"- data: {data.get('train_size')} train / {data.get('valid_size')} validation (carved "
         f"from the training set, seed {data.get('data_seed')}) / {data.get('test_size')} test",
         f"- seeds: {', '.join(str(s) for s in seeds)}",
