@@ -14,10 +14,7 @@ identical. Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,29 +24,13 @@ import numpy as np
 
 from bpgrad.globalopt import minimize
 
-ROOT = Path(__file__).resolve().parents[1]
+# The same loader the equivalence check uses: _core.py of another git revision, as a module.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from globalopt_equivalence import load_reference
 
 
 def rastrigin(x: np.ndarray) -> float:
     return float(10 * x.size + np.sum(x * x - 10 * np.cos(2 * np.pi * x)))
-
-
-def load_reference(rev: str) -> Any:
-    src = subprocess.run(
-        ["git", "show", f"{rev}:src/bpgrad/globalopt/_core.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "_core_ref.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("bpgrad.globalopt._core_ref", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def overhead(
