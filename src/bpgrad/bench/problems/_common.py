@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bpgrad.bench.data import load_arrays
-from bpgrad.bench.problems.base import Split, Splits
+from bpgrad.bench.problems.base import Problem, Split, Splits
 
 
 def carve_validation(
@@ -77,6 +77,28 @@ def load_image_splits(
     """Verified arrays of ``dataset`` from the cache (fetched on first use) → :class:`Splits`."""
     arrays = load_arrays(dataset, data_dir=data_dir, download=True)
     return image_splits(arrays, mean=mean, std=std, validation_size=validation_size, seed=seed)
+
+
+class ImageProblem(Problem):
+    """A problem on one of the cached image data sets: ``load`` is the same for all of them.
+
+    Subclasses name the data set and the per-channel normalisation (``None`` keeps the pixels in
+    [0, 1], as DeepOBS does); the validation split is carved from the training images.
+    """
+
+    #: data set name in :mod:`bpgrad.bench.data` (``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``)
+    dataset: str = ""
+    #: per-channel mean and std subtracted / divided after scaling to [0, 1]
+    pixel_mean: Sequence[float] | None = None
+    pixel_std: Sequence[float] | None = None
+
+    def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
+             seed: int = 0) -> Splits:
+        """Train / valid (carved from train) / test of ``dataset``, fetched into the cache on
+        first use (CIFAR-10 needs internet for that)."""
+        v = self.validation_size if validation_size is None else validation_size
+        return load_image_splits(self.dataset, data_dir=data_dir, validation_size=v, seed=seed,
+                                 mean=self.pixel_mean, std=self.pixel_std)
 
 
 @contextmanager

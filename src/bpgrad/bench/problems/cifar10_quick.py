@@ -21,14 +21,12 @@ CIFAR-10 constants instead of MatConvNet's contrast normalisation + ZCA whitenin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bpgrad.bench.problems._common import load_image_splits, normal_, seeded
-from bpgrad.bench.problems.base import Problem, Splits, register_problem
+from bpgrad.bench.problems._common import ImageProblem, normal_, seeded
+from bpgrad.bench.problems.base import register_problem
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -80,9 +78,12 @@ class CifarQuickNet(nn.Module):
 
 
 @register_problem
-class Cifar10Quick(Problem):
+class Cifar10Quick(ImageProblem):
     """CIFAR-10 with the paper's CIFAR-quick net, batch 100, 100 epochs."""
 
+    dataset = "cifar10"
+    pixel_mean = CIFAR10_MEAN
+    pixel_std = CIFAR10_STD
     name = "cifar10_quick"
     description = "CIFAR-10, the BPGrad paper's CIFAR-quick net (145,578 params), batch 100"
     batch_size = 100
@@ -94,13 +95,6 @@ class Cifar10Quick(Problem):
                   "are the means over the epoch's minibatches in train mode")
     reference = ("RyanCV/BPGrad cifar10_code (cnn_cifar_init.m, cnn_cifar_BPGrad.m); per-channel "
                  "standardisation instead of contrast normalisation + ZCA")
-
-    def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
-             seed: int = 0) -> Splits:
-        """CIFAR-10 50k/10k (needs internet on first use); valid is carved from the 50k."""
-        v = self.validation_size if validation_size is None else validation_size
-        return load_image_splits("cifar10", data_dir=data_dir, validation_size=v, seed=seed,
-                                 mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
     def make_model(self, seed: int) -> nn.Module:
         """N(0, 0.01²) conv1, N(0, 0.05²) other filters, zero biases, drawn from ``seed``."""

@@ -12,13 +12,16 @@ DeepOBS drops the last incomplete batch and holds out 10,000 training images for
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from bpgrad.bench.problems._common import init_layers, load_image_splits, seeded, truncated_normal_
-from bpgrad.bench.problems.base import Problem, Splits, register_problem
+from bpgrad.bench.problems._common import (
+    ImageProblem,
+    init_layers,
+    seeded,
+    truncated_normal_,
+)
+from bpgrad.bench.problems.base import register_problem
 
 
 class Net2c2d(nn.Module):
@@ -40,9 +43,10 @@ class Net2c2d(nn.Module):
 
 
 @register_problem
-class FashionMnist2c2d(Problem):
+class FashionMnist2c2d(ImageProblem):
     """Fashion-MNIST with DeepOBS's 2c2d net, batch 128, 100 epochs."""
 
+    dataset = "fashion_mnist"
     name = "fmnist_2c2d"
     description = "Fashion-MNIST, DeepOBS 2c2d (2 conv + 2 dense, 3.27M params), batch 128"
     batch_size = 128
@@ -51,13 +55,6 @@ class FashionMnist2c2d(Problem):
     validation_size = 10000
     drop_last = True
     reference = "DeepOBS fmnist_2c2d (Schneider et al., ICLR 2019), PyTorch develop branch"
-
-    def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
-             seed: int = 0) -> Splits:
-        """Fashion-MNIST 60k/10k in [0, 1]; valid is carved from the 60k."""
-        v = self.validation_size if validation_size is None else validation_size
-        return load_image_splits("fashion_mnist", data_dir=data_dir, validation_size=v,
-                                 seed=seed, mean=None, std=None)
 
     def make_model(self, seed: int) -> nn.Module:
         """Truncated-normal (0.05) weights and 0.05 biases, drawn from ``seed``."""

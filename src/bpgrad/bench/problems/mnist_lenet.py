@@ -13,13 +13,16 @@ with MNIST's mean/std (0.1307, 0.3081) instead of MatConvNet's mean-image subtra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from bpgrad.bench.problems._common import init_layers, load_image_splits, normal_, seeded
-from bpgrad.bench.problems.base import Problem, Splits, register_problem
+from bpgrad.bench.problems._common import (
+    ImageProblem,
+    init_layers,
+    normal_,
+    seeded,
+)
+from bpgrad.bench.problems.base import register_problem
 
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
@@ -46,9 +49,12 @@ class LeNetMatConvNet(nn.Module):
 
 
 @register_problem
-class MnistLeNet(Problem):
+class MnistLeNet(ImageProblem):
     """MNIST with MatConvNet's LeNet (the paper's recognition net), batch 100."""
 
+    dataset = "mnist"
+    pixel_mean = MNIST_MEAN
+    pixel_std = MNIST_STD
     name = "mnist_lenet"
     description = "MNIST, MatConvNet LeNet (conv20-pool-conv50-pool-conv500-relu-conv10), batch 100"
     batch_size = 100
@@ -57,13 +63,6 @@ class MnistLeNet(Problem):
     validation_size = 5000
     reference = ("MatConvNet examples/mnist cnn_mnist_init.m (BPGrad paper, recognition); "
                  "inputs standardised with MNIST mean/std instead of mean-image subtraction")
-
-    def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
-             seed: int = 0) -> Splits:
-        """MNIST 60k/10k; the validation split is carved from the 60k training images."""
-        v = self.validation_size if validation_size is None else validation_size
-        return load_image_splits("mnist", data_dir=data_dir, validation_size=v, seed=seed,
-                                 mean=MNIST_MEAN, std=MNIST_STD)
 
     def make_model(self, seed: int) -> nn.Module:
         """LeNet with 0.01·N(0, 1) filters and zero biases, drawn from ``seed``."""

@@ -8,18 +8,22 @@ images held out for validation, last incomplete batch dropped.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
-from bpgrad.bench.problems._common import init_layers, load_image_splits, seeded, truncated_normal_
-from bpgrad.bench.problems.base import Problem, Splits, register_problem
+from bpgrad.bench.problems._common import (
+    ImageProblem,
+    init_layers,
+    seeded,
+    truncated_normal_,
+)
+from bpgrad.bench.problems.base import register_problem
 
 
 @register_problem
-class MnistMlp(Problem):
+class MnistMlp(ImageProblem):
     """MNIST with DeepOBS's 4-layer ReLU MLP, batch 128, 100 epochs."""
 
+    dataset = "mnist"
     name = "mnist_mlp"
     description = "MNIST, DeepOBS MLP 784-1000-500-100-10 with ReLU (1.34M params), batch 128"
     batch_size = 128
@@ -28,13 +32,6 @@ class MnistMlp(Problem):
     validation_size = 10000
     drop_last = True
     reference = "DeepOBS mnist_mlp (Schneider et al., ICLR 2019)"
-
-    def load(self, *, data_dir: Path | None = None, validation_size: int | None = None,
-             seed: int = 0) -> Splits:
-        """MNIST 60k/10k in [0, 1]; valid is carved from the 60k."""
-        v = self.validation_size if validation_size is None else validation_size
-        return load_image_splits("mnist", data_dir=data_dir, validation_size=v, seed=seed,
-                                 mean=None, std=None)
 
     def make_model(self, seed: int) -> nn.Module:
         """Truncated-normal (3e-2) weights and zero biases, drawn from ``seed``."""
