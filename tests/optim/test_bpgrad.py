@@ -291,11 +291,12 @@ def test_negative_loss_on_accelerators_is_masked_not_synced(monkeypatch) -> None
     assert float(opt.stats["skipped_steps"]) == 1.0
 
 
-def test_step_reads_no_tensor_value_on_the_host(monkeypatch) -> None:
+@pytest.mark.parametrize("lipschitz", [10.0, "auto"])
+def test_step_reads_no_tensor_value_on_the_host(monkeypatch, lipschitz: float | str) -> None:
     monkeypatch.setattr(bpgrad_module, "_host_readable", lambda t: False)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     for kernel in KERNELS.values():
-        opt = BPGrad(model.parameters(), lipschitz=10.0, weight_decay=1e-3, **kernel)
+        opt = BPGrad(model.parameters(), lipschitz=lipschitz, weight_decay=1e-3, **kernel)
         loss = model(torch.randn(5, 4)).square().mean()
         loss.backward()
 
@@ -307,6 +308,8 @@ def test_step_reads_no_tensor_value_on_the_host(monkeypatch) -> None:
                 m.setattr(torch.Tensor, name, forbidden)
             opt.step(loss=loss)
             opt.step(loss=loss)
+            stats = opt.stats
+        assert stats["lipschitz"].dim() == 0
         assert float(opt.stats["steps"]) == 2.0
 
 
