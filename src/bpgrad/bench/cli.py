@@ -225,6 +225,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None:
         if args.nproc_per_node < 1:
             return _error("compare", f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            visible = torch.cuda.device_count()
+            if args.nproc_per_node > visible:
+                return _error("compare", (
+                    f"--nproc-per-node {args.nproc_per_node} with --device {cfg.device}: this "
+                    f"machine has {visible} visible GPU(s) and NCCL needs one per process; use "
+                    f"--nproc-per-node {visible} or fewer, or --device cpu (Gloo)"))
         if env_ranks() is None:
             # Start the processes through torch's elastic launcher; each runs this command
             # without --nproc-per-node and finds itself in a process group.

@@ -176,6 +176,15 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Di
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device}: torch sees no CUDA device on rank {rank}")
+        visible = torch.cuda.device_count()
+        if local >= visible:
+            # NCCL cannot run two ranks on one GPU; failing here names the fix instead of a
+            # CUDA "invalid device ordinal" (or an NCCL duplicate-GPU error) deep in init.
+            raise RuntimeError(
+                f"--device {device}: rank {rank} has LOCAL_RANK {local} but this node has only "
+                f"{visible} visible GPU(s); NCCL needs one GPU per process: start at most "
+                f"{visible} process(es) per node, or use --device cpu (Gloo)"
+            )
         device = f"cuda:{local}"
         torch.cuda.set_device(torch.device(device))
     if not (dist.is_available() and dist.is_initialized()):
