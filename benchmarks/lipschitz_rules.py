@@ -1,12 +1,12 @@
 """Compare candidate online rules for BPGrad's L (the table in docs/lipschitz.md).
 
 Usage: python benchmarks/lipschitz_rules.py PROBLEM RULE STEPS [SEED]
-  RULE: fixed<L> | max | decmax<gamma> | ema | secant | mean | auto:<eps>:<gamma>
+  RULE: fixed<L> | max | decmax<gamma> | wdecmax<gamma> | ema | secant | mean | auto:<eps>:<gamma>
 
 One thread, batch = the problem's, BPGrad with the paper's rho=0.1, mu=0.9, wd=5e-4. The
 candidate rules set a fixed-L BPGrad's ``lipschitz`` every step from host-side statistics
 (a prototype: it syncs); ``auto:<eps>:<gamma>`` runs the shipped ``lipschitz="auto"``.
-``secant`` and ``mean`` use the same warm-up floor as the shipped rule (eps=1e-3, gamma=0.95).
+``wdecmax``, ``secant`` and ``mean`` use the same warm-up floor as the shipped rule (eps=1e-3, gamma=0.95).
 Prints the final validation accuracy and L at steps 0, 10, STEPS/4, STEPS/2 and the last one.
 """
 
@@ -65,6 +65,10 @@ def main(problem_name: str, rule: str, steps: int, seed: int = 0) -> None:
         elif rule == "max":
             grad_max = max(grad_max, norm)
             lipschitz = grad_max
+        elif rule.startswith("wdecmax"):
+            # A local constant: observations forget geometrically, the warm-up floor as shipped.
+            grad_max = max(float(rule[7:]) * grad_max, norm)
+            lipschitz = max(floor, grad_max)
         elif rule.startswith("decmax"):
             grad_max = max(float(rule[6:]) * grad_max, norm)
             lipschitz = grad_max

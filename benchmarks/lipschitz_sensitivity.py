@@ -1,4 +1,4 @@
-"""Sensitivity table and plot for docs/results_lipschitz.md from `bpgrad compare` run folders.
+"""Sensitivity table and plot for docs/results.md §3a from `bpgrad compare` run folders.
 
 Usage: python benchmarks/lipschitz_sensitivity.py runs/lip_mnist_lenet runs/lip_fmnist_2c2d
 
