@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from bpgrad.globalopt import _accel
 from bpgrad.globalopt._bounds import parse_bounds
 from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult
 
@@ -52,6 +53,23 @@ def _as_scalar(value: Any) -> float:
             "must return (value, gradient)."
         )
     return float(arr.reshape(-1)[0])
+
+
+def _terms_of(
+    cand: NDArray[np.int64], vals: FloatArray
+) -> tuple[FloatArray, NDArray[np.int64], FloatArray | None]:
+    """Bounds (b,), kept terms (b, K) and their values (b, K; None when fewer than K samples)
+    from the values (b, m) of the samples ``cand`` on b boxes."""
+    b, m = vals.shape
+    terms = np.full((b, _K_TERMS), -1, dtype=np.int64)
+    tv = None
+    if m <= _K_TERMS:
+        terms[:, :m] = cand
+    else:
+        part = np.argpartition(vals, m - _K_TERMS, axis=1)[:, m - _K_TERMS :]
+        terms[:] = cand[part]
+        tv = vals[_ROWS[:b], part]
+    return vals.max(axis=1), terms, tv
 
 
 class _Index:
@@ -206,6 +224,8 @@ class _Samples:
         self.slope_max = 0.0
         self.n_nonfinite = 0
         self.index = _Index(d)
+        # The compiled kernels answer the same queries with the same operations (optional).
+        self.fast = _accel.kernels_for(d)
 
     def _grow(self) -> None:
         cap = 2 * self.X.shape[0]
@@ -228,7 +248,13 @@ class _Samples:
             self._grow()
         i = self.n
         finite = math.isfinite(f)
-        if finite and self.n > 0:
+        if finite and self.n > 0 and self.fast:
+            ix = self.index
+            self.slope_max = _accel.slope_max(
+                self.X, self.Fb, i, x, f, self.slope_max, i <= _SCAN_MAX,
+                ix.lo, ix.hi, ix.fb, ix.fmin, ix.members, ix.m,
+            )  # fmt: skip
+        elif finite and self.n > 0:
             # Largest observed slope |f_i - f_j| / ||x_i - x_j||: the data's lower bound on L.
             # Only samples that could beat the current maximum are looked at.
             if i <= _SCAN_MAX:
@@ -274,6 +300,16 @@ class _Samples:
         n = self.n
         if n == 0 or not thr < math.inf:
             return -math.inf
+        if self.fast:
+            ix = self.index
+            scan = n <= _SCAN_MAX
+            cut = 0.0 if scan else thr - self._margin(thr, L)
+            return float(
+                _accel.ball_max(
+                    self.X, self.Fb, n, y, L, thr, cut, scan,
+                    ix.lo, ix.hi, ix.fb, ix.members, ix.m,
+                )
+            )  # fmt: skip
         if n <= _SCAN_MAX:
             X, Fb = self.X[:n], self.Fb[:n]
         else:
@@ -309,8 +345,7 @@ class _Samples:
         L: float,
         k: int | None = None,
     ) -> tuple[FloatArray, NDArray[np.int64], FloatArray | None]:
-        """Bounds (b,), kept terms (b, K) and their values (b, K; None when fewer than K
-        samples) of the b boxes [los[j], his[j]] from samples cand.
+        """``_terms_of`` the b boxes [los[j], his[j]] from samples cand.
 
         With ``k`` given the boxes differ only along coordinate k, so the other coordinates of
         far are computed once. Every element of far is the same expression as for one box, and
@@ -328,15 +363,7 @@ class _Samples:
             far[:, :, k] = np.maximum(np.abs(xk - los[:, k, None]), np.abs(xk - his[:, k, None]))
         far = far.reshape(b * m, d)
         vals = self.Fb[cand] - L * np.sqrt(np.einsum("ij,ij->i", far, far)).reshape(b, m)
-        terms = np.full((b, _K_TERMS), -1, dtype=np.int64)
-        tv = None
-        if m <= _K_TERMS:
-            terms[:, :m] = cand
-        else:
-            part = np.argpartition(vals, m - _K_TERMS, axis=1)[:, m - _K_TERMS :]
-            terms[:] = cand[part]
-            tv = vals[_ROWS[:b], part]
-        return vals.max(axis=1), terms, tv
+        return _terms_of(cand, vals)
 
     def split_terms(
         self,
@@ -355,9 +382,16 @@ class _Samples:
         k, the nearest of the new cells.
         """
         n = self.n
+        ix = self.index
+        if self.fast:
+            cand, vals = _accel.split_vals(
+                self.X, self.Fb, n, los, his, k, L,
+                np.array(sorted({j for j in seeds if j >= 0}), dtype=np.int64), _K_TERMS,
+                self.f_abs, self.diag, n <= _SCAN_MAX, ix.lo, ix.hi, ix.fb, ix.members, ix.m,
+            )  # fmt: skip
+            return _terms_of(cand, vals)
         if n <= _SCAN_MAX:
             return self._top_terms(np.arange(n, dtype=np.int64), los, his, L, k)
-        ix = self.index
         uniq = sorted({j for j in seeds if j >= 0})
         thr = -math.inf
         if len(uniq) >= _K_TERMS:
