@@ -111,6 +111,41 @@ if numba is not None:
         return out
 
     @_njit
+    def index_insert(
+        i: int,
+        X: Any,
+        F: Any,
+        lo: Any,
+        hi: Any,
+        fb: Any,
+        fmin: Any,
+        members: Any,
+        count: Any,
+        nodes: Any,
+        split: Any,
+    ) -> int:
+        """``_Index.insert``: -1 once sample i is in its leaf, else the node whose leaf is full
+        (the caller splits it and asks again)."""
+        v = 0
+        while nodes[2, v] < 0:
+            v = nodes[1, v] + (1 if X[i, nodes[0, v]] > split[v] else 0)
+        s = nodes[2, v]
+        if count[s] >= members.shape[1]:
+            return v
+        members[s, count[s]] = i
+        count[s] += 1
+        for c in range(X.shape[1]):
+            lo[s, c] = min(lo[s, c], X[i, c])
+            hi[s, c] = max(hi[s, c], X[i, c])
+        f = F[i]
+        if math.isfinite(f):
+            if f > fb[s]:
+                fb[s] = f
+            if f < fmin[s]:
+                fmin[s] = f
+        return -1
+
+    @_njit
     def ball_max(
         X: Any,
         Fb: Any,
@@ -270,6 +305,47 @@ if numba is not None:
         else:
             cand = _gather(members, np.arange(m))
         return cand, _far_vals(X, Fb, cand, los, his, L, p)
+
+    @_njit
+    def top_terms(vals: Any, cand: Any, K: int) -> tuple[bool, Any, Any, Any]:
+        """Per row of vals (b, m): the largest value, and the K largest values with their
+        samples, when they are unambiguous: K < m, no two of the K + 1 largest values equal.
+        Then the kept set is the one np.argpartition keeps, and the order in which the terms
+        are kept changes no decision (a cell's weakest term is found by value, and only a tie
+        would make the position matter). Otherwise ok is False and the caller runs
+        np.argpartition itself."""
+        b, m = vals.shape
+        bound = np.empty(b)
+        terms = np.empty((b, K), dtype=np.int64)
+        tv = np.empty((b, K))
+        if m <= K:
+            return False, bound, terms, tv
+        bv = np.empty(K + 1)
+        bi = np.empty(K + 1, dtype=np.int64)
+        for j in range(b):
+            cnt = 0
+            for t in range(m):
+                v = vals[j, t]
+                if cnt == K + 1 and not v > bv[K]:
+                    continue
+                # insert after every kept value >= v, dropping the smallest when full
+                q = cnt if cnt < K + 1 else K
+                while q > 0 and bv[q - 1] < v:
+                    if q < K + 1:
+                        bv[q] = bv[q - 1]
+                        bi[q] = bi[q - 1]
+                    q -= 1
+                bv[q] = v
+                bi[q] = cand[t]
+                if cnt < K + 1:
+                    cnt += 1
+            for q in range(K):
+                if not bv[q] > bv[q + 1]:
+                    return False, bound, terms, tv
+                terms[j, q] = bi[q]
+                tv[j, q] = bv[q]
+            bound[j] = bv[0]
+        return True, bound, terms, tv
 
 
 def kernels_for(d: int) -> bool:

@@ -97,12 +97,16 @@ class _Index:
         self.fb = np.full(cap, -math.inf)  # largest finite value in the leaf
         self.fmin = np.full(cap, math.inf)  # smallest finite value (for slopes)
         self.members = np.full((cap, _LEAF_CAP), -1, dtype=np.int64)
-        self.count: list[int] = []
+        self.count = np.zeros(cap, dtype=np.int64)
         # Tree nodes (Python lists: the descent reads scalars). leaf[v] >= 0: the leaf slot of v.
         self.node_dim: list[int] = [0]
         self.node_val: list[float] = [0.0]
         self.node_left: list[int] = [-1]
         self.node_leaf: list[int] = [self._new_leaf()]
+        # The same tree as arrays, for the compiled insertion (written only when a leaf splits).
+        self.nodes = np.zeros((4, 64), dtype=np.int64)  # rows: dim, left, leaf, and unused
+        self.nodes[2, 0] = 0
+        self.node_split = np.zeros(64)
         # Leaf distances of the last query point, valid until the next insert: a new cell
         # centre is asked whether it lies in a ball and, when evaluated, for its slopes.
         self.dist_key: bytes | None = None
@@ -117,19 +121,19 @@ class _Index:
                 ("fb", -math.inf),
                 ("fmin", math.inf),
                 ("members", -1),
+                ("count", 0),
             ):
                 old = getattr(self, name)
                 new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
                 new[: self.m] = old[: self.m]
                 setattr(self, name, new)
-        self.count.append(0)
         self.m += 1
         return self.m - 1
 
     def _fill(self, s: int, mem: NDArray[np.int64], X: FloatArray, F: FloatArray) -> None:
         self.members[s] = -1
         self.members[s, : mem.size] = mem
-        self.count[s] = int(mem.size)
+        self.count[s] = mem.size
         P = X[mem]
         self.lo[s], self.hi[s] = P.min(axis=0), P.max(axis=0)
         f = F[mem]
@@ -155,10 +159,29 @@ class _Index:
         self.node_val[v] = float(X[mem[order[half - 1]], k])
         self.node_left[v] = left
         self.node_leaf[v] = -1
+        if left + 2 > self.nodes.shape[1]:
+            grown = np.zeros((4, 2 * self.nodes.shape[1]), dtype=np.int64)
+            grown[:, :left] = self.nodes[:, :left]
+            self.nodes = grown
+            split = np.zeros(2 * self.node_split.size)
+            split[:left] = self.node_split[:left]
+            self.node_split = split
+        for u in (v, left, left + 1):
+            self.nodes[:3, u] = self.node_dim[u], self.node_left[u], self.node_leaf[u]
+            self.node_split[u] = self.node_val[u]
 
-    def insert(self, i: int, X: FloatArray, F: FloatArray) -> None:
+    def insert(self, i: int, X: FloatArray, F: FloatArray, fast: bool = False) -> None:
         """Add sample i (already stored in X[i], F[i]); X and F are the sample arrays."""
         self.dist_key = None
+        if fast:
+            while True:
+                v = _accel.index_insert(
+                    i, X, F, self.lo, self.hi, self.fb, self.fmin, self.members, self.count,
+                    self.nodes, self.node_split,
+                )  # fmt: skip
+                if v < 0:
+                    return
+                self._split(v, X, F)
         x = X[i]
         xs = x.tolist()
         v = 0
@@ -281,7 +304,7 @@ class _Samples:
         self.Fb[i] = f if finite else -math.inf
         self.kind[i] = kind
         self.n += 1
-        self.index.insert(i, self.X, self.F)
+        self.index.insert(i, self.X, self.F, self.fast)
         if not finite:
             self.n_nonfinite += 1
         else:
@@ -389,7 +412,8 @@ class _Samples:
                 np.array(sorted({j for j in seeds if j >= 0}), dtype=np.int64), _K_TERMS,
                 self.f_abs, self.diag, n <= _SCAN_MAX, ix.lo, ix.hi, ix.fb, ix.members, ix.m,
             )  # fmt: skip
-            return _terms_of(cand, vals)
+            ok, bound, terms, tv = _accel.top_terms(vals, cand, _K_TERMS)
+            return (bound, terms, tv) if ok else _terms_of(cand, vals)
         if n <= _SCAN_MAX:
             return self._top_terms(np.arange(n, dtype=np.int64), los, his, L, k)
         uniq = sorted({j for j in seeds if j >= 0})
