@@ -97,7 +97,9 @@ class _Index:
         self.fb = np.full(cap, -math.inf)  # largest finite value in the leaf
         self.fmin = np.full(cap, math.inf)  # smallest finite value (for slopes)
         self.members = np.full((cap, _LEAF_CAP), -1, dtype=np.int64)
-        self.count = np.zeros(cap, dtype=np.int64)
+        # Samples per leaf: a list for the Python descent, an array for the compiled one.
+        self.count: list[int] = []
+        self.count_a = np.zeros(cap, dtype=np.int64)
         # Tree nodes (Python lists: the descent reads scalars). leaf[v] >= 0: the leaf slot of v.
         self.node_dim: list[int] = [0]
         self.node_val: list[float] = [0.0]
@@ -121,19 +123,20 @@ class _Index:
                 ("fb", -math.inf),
                 ("fmin", math.inf),
                 ("members", -1),
-                ("count", 0),
+                ("count_a", 0),
             ):
                 old = getattr(self, name)
                 new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
                 new[: self.m] = old[: self.m]
                 setattr(self, name, new)
+        self.count.append(0)
         self.m += 1
         return self.m - 1
 
     def _fill(self, s: int, mem: NDArray[np.int64], X: FloatArray, F: FloatArray) -> None:
         self.members[s] = -1
         self.members[s, : mem.size] = mem
-        self.count[s] = mem.size
+        self.count[s] = self.count_a[s] = mem.size
         P = X[mem]
         self.lo[s], self.hi[s] = P.min(axis=0), P.max(axis=0)
         f = F[mem]
@@ -176,7 +179,7 @@ class _Index:
         if fast:
             while True:
                 v = _accel.index_insert(
-                    i, X, F, self.lo, self.hi, self.fb, self.fmin, self.members, self.count,
+                    i, X, F, self.lo, self.hi, self.fb, self.fmin, self.members, self.count_a,
                     self.nodes, self.node_split,
                 )  # fmt: skip
                 if v < 0:
