@@ -1,6 +1,7 @@
 """Sensitivity table and plot for docs/results.md §3a from `bpgrad compare` run folders.
 
 Usage: python benchmarks/lipschitz_sensitivity.py runs/lip_mnist_lenet runs/lip_fmnist_2c2d
+       python benchmarks/lipschitz_sensitivity.py --no-plot runs/lip1ep_mnist_lenet runs/lip1ep_fmnist_2c2d
 
 Diverged trials count with the accuracy the harness recorded for them (chance level).
 Prints one markdown row per (problem, variant): seeds, mean final valid and test accuracy (test
@@ -79,6 +80,19 @@ def _ranks(values: dict[str, float]) -> dict[str, float]:
     return ranks
 
 
+def _auto_default(
+    stats: dict[tuple[str, str], tuple[float, float, float, int]], problem: str
+) -> tuple[float, float, float, int] | None:
+    """Auto at its defaults: ``bpgrad_auto@lr=1`` in a multiplier sweep, ``bpgrad_auto`` alone."""
+    return stats.get((problem, AUTO_DEFAULT)) or stats.get((problem, "bpgrad_auto"))
+
+
+def _lookup(
+    stats: dict[tuple[str, str], tuple[float, float, float, int]], problem: str, name: str
+) -> tuple[float, float, float, int] | None:
+    return _auto_default(stats, problem) if name == AUTO_DEFAULT else stats.get((problem, name))
+
+
 def headline(stats: dict[tuple[str, str], tuple[float, float, float, int]]) -> None:
     """Issue 7's headline: auto at its defaults vs best-grid Adam/SGD and the peers' defaults."""
     problems = sorted({p for p, _ in stats})
@@ -93,7 +107,7 @@ def headline(stats: dict[tuple[str, str], tuple[float, float, float, int]]) -> N
           "Adam/SGD | BPGrad fixed L best grid |")
     print("|---|---|---|---|---|---|")
     for problem in problems:
-        auto = stats.get((problem, AUTO_DEFAULT))
+        auto = _auto_default(stats, problem)
         best = {n: _best_on_valid(stats, problem, n) for n in ("adam", "sgd", "bpgrad")}
         tuned = [b[1][1] for n, b in best.items() if b is not None and n != "bpgrad"]
         gap = (f"{100 * (auto[1] - max(tuned)):+.2f}" if auto is not None and tuned else "-")
@@ -107,13 +121,13 @@ def headline(stats: dict[tuple[str, str], tuple[float, float, float, int]]) -> N
     print("|---|" + "---|" * (len(problems) + 1))
     per_problem = {}
     for problem in problems:
-        values = {n: stats[(problem, n)][1] for n in names if (problem, n) in stats}
+        values = {n: v[1] for n in names if (v := _lookup(stats, problem, n)) is not None}
         per_problem[problem] = _ranks(values)
     for n in names:
         cells = []
         ranks = []
         for problem in problems:
-            v = stats.get((problem, n))
+            v = _lookup(stats, problem, n)
             if v is None:
                 cells.append("not run")
                 continue
@@ -127,7 +141,7 @@ def headline(stats: dict[tuple[str, str], tuple[float, float, float, int]]) -> N
           "selected by mean final validation accuracy.")
 
 
-def main(runs: list[str], out: Path = Path("docs/img/lipschitz_sensitivity.png")) -> None:
+def main(runs: list[str], out: Path | None = Path("docs/img/lipschitz_sensitivity.png")) -> None:
     rows = collect(runs)
     stats = {}
     for (problem, label), values in sorted(rows.items()):
@@ -137,6 +151,9 @@ def main(runs: list[str], out: Path = Path("docs/img/lipschitz_sensitivity.png")
         stats[(problem, label)] = (statistics.fmean(valid), statistics.fmean(test), sd, len(test))
         print(f"| {problem} | {label} | {len(values)} | {100 * statistics.fmean(valid):.2f} | "
               f"{100 * statistics.fmean(test):.2f} ± {100 * sd:.2f} |")
+    if out is None:
+        headline(stats)
+        return
     problems = sorted({p for p, _ in stats})
     fig, axes = plt.subplots(1, len(problems), figsize=(5.5 * len(problems), 4), squeeze=False)
     for ax, problem in zip(axes[0], problems, strict=True):
@@ -172,4 +189,9 @@ def main(runs: list[str], out: Path = Path("docs/img/lipschitz_sensitivity.png")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    plot: Path | None = Path("docs/img/lipschitz_sensitivity.png")
+    if "--no-plot" in args:
+        args.remove("--no-plot")
+        plot = None
+    main(args, plot)

@@ -4,17 +4,21 @@
 #   benchmarks/lipschitz_study.sh baselines   # Adam / SGD LR grids, fixed-L BPGrad
 #   benchmarks/lipschitz_study.sh peers       # learning-rate-free peers at their defaults
 #   benchmarks/lipschitz_study.sh auto        # BPGrad auto at c = 1/4, 1, 4, 16
+#   benchmarks/lipschitz_study.sh headline    # auto at its defaults + the Adam/SGD grids + peers
 # then: python benchmarks/lipschitz_sensitivity.py runs/lip_mnist_lenet runs/lip_fmnist_2c2d
-# BUDGET (default "--epochs 1 --limit-train-batches 200") and SEEDS (default 3) override the budget.
+# BUDGET (default "--epochs 1 --limit-train-batches 200") and SEEDS (default 3) override the budget,
+# OUT (default runs/lip) the folder prefix: e.g. the one-epoch headline is
+#   BUDGET="--epochs 1" OUT=runs/lip1ep benchmarks/lipschitz_study.sh headline
 set -euo pipefail
-part=${1:?usage: lipschitz_study.sh baselines|peers|auto}
+part=${1:?usage: lipschitz_study.sh baselines|peers|auto|headline}
 BPGRAD=${BPGRAD:-bpgrad}
 BUDGET=${BUDGET:---epochs 1 --limit-train-batches 200}
 SEEDS=${SEEDS:-3}
+OUT=${OUT:-runs/lip}
 # shellcheck disable=SC2086
 C="$BUDGET --seeds $SEEDS --threads 1 --quiet --no-report"
 for P in mnist_lenet fmnist_2c2d; do
-  out=runs/lip_$P
+  out=${OUT}_$P
   case $part in
     baselines)
       $BPGRAD compare --problem $P --optimizers adam --sweep lr=1e-4,1e-3,1e-2,1e-1 $C --out $out
@@ -26,6 +30,12 @@ for P in mnist_lenet fmnist_2c2d; do
       ;;
     auto)
       $BPGRAD compare --problem $P --optimizers bpgrad_auto --sweep lr=4,1,0.25,0.0625 $C --out $out
+      ;;
+    headline)
+      $BPGRAD compare --problem $P --optimizers bpgrad_auto $C --out $out
+      $BPGRAD compare --problem $P --optimizers adam --sweep lr=1e-4,1e-3,1e-2,1e-1 $C --out $out
+      $BPGRAD compare --problem $P --optimizers sgd --sweep lr=1e-3,1e-2,1e-1,1 $C --out $out
+      $BPGRAD compare --problem $P --optimizers prodigy,dadapt_adam,dog,schedulefree_adamw,dadapt_sgd,schedulefree_sgd,alig $C --out $out
       ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
