@@ -88,3 +88,46 @@ def test_sum_of_squares_order(d: int) -> None:
     rng = np.random.default_rng(d)
     A = rng.standard_normal((2000, d)) * np.exp(rng.uniform(-5, 5, (2000, d)))
     assert np.array_equal(_accel.rows_sumsq(A), np.einsum("ij,ij->i", A, A))
+
+
+def _stop_at_300(r: Any) -> bool:
+    return bool(r.nit >= 300)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"callback": _stop_at_300},
+        {"f_target": 0.5},
+        {"maxiter": 700, "polish": False},
+        {"jac": True, "branch_steps": 2},
+        {"lipschitz": 40.0, "tol": 1e-3},
+        {"seed": 7, "strategy": "bound"},
+    ],
+)
+def test_compiled_loop_events_match_numpy(
+    kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled search loop hands polish, branch steps, the callback and every stop back to
+    Python; each hand-over must leave the run where the NumPy path is."""
+
+    def fn(x: np.ndarray) -> Any:
+        f = _bumpy(x)
+        if kw.get("jac"):
+            return f, 2 * x + 9 * np.cos(3 * x) * np.sign(np.sin(3 * x))
+        return f
+
+    bounds = [(-3.0, 2.5), (-2.0, 2.9), (-2.5, 2.2)]
+    a, b = (
+        _run(monkeypatch, fast, lambda: minimize(fn, bounds, maxfev=3000, **kw))
+        for fast in (False, True)
+    )
+    assert np.array_equal(a.history_x, b.history_x)
+    assert (a.status, a.nit, a.njev, a.lower_bound, a.lipschitz) == (
+        b.status,
+        b.nit,
+        b.njev,
+        b.lower_bound,
+        b.lipschitz,
+    )

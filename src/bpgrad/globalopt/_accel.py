@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+numba: Any  # the module, or None without it (typed loosely: the stubs differ by version)
 try:  # pragma: no cover - depends on the environment
     if os.environ.get("BPGRAD_NUMBA", "1") == "0":
         raise ImportError("disabled by BPGRAD_NUMBA=0")
-    import numba
+    import numba as _numba
 
+    numba = _numba
     _njit: Any = numba.njit(cache=True, nogil=True)
 except ImportError:  # pragma: no cover - depends on the environment
     numba = None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bpgrad.globalopt import _accel
+from bpgrad.globalopt import _accel, _engine
 from bpgrad.globalopt._bounds import parse_bounds
 from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult
 
@@ -821,7 +821,11 @@ def minimize(
     use_branch = (jac is not None) if branch is None else bool(branch)
     rng = np.random.default_rng(0 if seed is None else seed)
 
-    run = _Run(
+    # The compiled search loop when numba is there and its sums round like NumPy's here; a
+    # caller's own Generator keeps the Python loop, which draws each tie-break key on demand.
+    user_rng = isinstance(seed, (np.random.Generator, np.random.BitGenerator))
+    cls = _EngineRun if not user_rng and _engine.usable(d) else _Run
+    run = cls(
         func=func,
         args=args,
         jac=jac,
@@ -842,7 +846,7 @@ def minimize(
         strategy=strategy,
         callback=callback,
         rng=rng,
-        user_rng=isinstance(seed, (np.random.Generator, np.random.BitGenerator)),
+        user_rng=user_rng,
     )
     return run.solve()
 
@@ -913,8 +917,17 @@ class _Run:
         if self.nfev >= self.maxfev:
             raise _Stop(2)
         x = np.array(x, dtype=np.float64)
-        g: FloatArray | None = None
         self.nfev += 1
+        f, g = self._call(x, want_grad)
+        i = self.S.add(x, f, g, kind)
+        self._update_L()
+        if self.f_target is not None and f <= self.f_target:
+            raise _Stop(5)
+        return i
+
+    def _call(self, x: FloatArray, want_grad: bool) -> tuple[float, FloatArray | None]:
+        """func (and jac when asked) at x: the value and the gradient or None."""
+        g: FloatArray | None = None
         if self.jac is True:
             out = self.func(x.copy(), *self.args)
             try:
@@ -930,11 +943,7 @@ class _Run:
             if want_grad and callable(self.jac) and math.isfinite(f):
                 self.njev += 1
                 g = self._as_grad(self.jac(x.copy(), *self.args))
-        i = self.S.add(x, f, g, kind)
-        self._update_L()
-        if self.f_target is not None and f <= self.f_target:
-            raise _Stop(5)
-        return i
+        return f, g
 
     def _as_grad(self, gv: Any) -> FloatArray:
         g = np.asarray(gv, dtype=np.float64).reshape(-1)
@@ -1321,3 +1330,168 @@ class _Run:
             kind_names=KIND_NAMES,
         )
         return res
+
+
+class _SampleView:
+    """The engine's samples under the names ``_Run``'s Python steps read (polish, branch,
+    gradients, the result)."""
+
+    def __init__(self, st: list[Any]) -> None:
+        self.st = st
+
+    X = property(lambda self: self.st[_engine.X_])
+    G = property(lambda self: self.st[_engine.G_])
+    F = property(lambda self: self.st[_engine.SF_][0])
+    kind = property(lambda self: self.st[_engine.KIND_])
+    n = property(lambda self: int(self.st[_engine.IST_][_engine.I_N]))
+    best = property(lambda self: int(self.st[_engine.IST_][_engine.I_BEST]))
+    n_nonfinite = property(lambda self: int(self.st[_engine.IST_][_engine.I_NONFIN]))
+    f_best = property(lambda self: float(self.st[_engine.FS_][_engine.F_FBEST]))
+    slope_max = property(lambda self: float(self.st[_engine.FS_][_engine.F_SLOPE]))
+
+
+class _TreeView:
+    def __init__(self, run: _EngineRun) -> None:
+        self.run = run
+
+    def lower_bound(self) -> float:
+        return float(_engine.lower_bound(self.run.tup))
+
+
+class _EngineRun(_Run):
+    """``_Run`` with the search loop in the compiled engine (``_engine.step``).
+
+    The objective, the polish, the branch steps and the callback stay in Python: the engine
+    returns to :meth:`solve` for each of them and their bookkeeping goes through the engine's
+    compiled primitives, so both paths take the same decisions.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        # The properties below write into the engine's arrays: they must exist first.
+        self.st = _engine.new_state(kw["lb"].size, kw["lb"], kw["ub"])
+        self.tup = tuple(self.st)
+        super().__init__(**kw)
+        self.rng = kw["rng"]
+        E, fs, ist = _engine, self.st[_engine.FS_], self.st[_engine.IST_]
+        fs[E.F_FBEST] = math.inf
+        fs[E.F_PMIN] = math.inf
+        fs[E.F_TOL], fs[E.F_RHO], fs[E.F_SAFETY] = self.tol, self.rho, self.safety
+        fs[E.F_FLOWER] = math.nan if self.f_lower is None else self.f_lower
+        fs[E.F_KNOWNL] = math.nan if self.known_L is None else self.known_L
+        fs[E.F_DIAG] = self.diag
+        fs[E.F_MAXITER] = self.maxiter
+        fs[E.F_FTARGET] = math.nan if self.f_target is None else self.f_target
+        ist[E.I_BEST] = -1
+        ist[E.I_MAXFEV] = self.maxfev
+        ist[E.I_M] = 1  # the index starts as one empty leaf (node 0)
+        ist[E.I_NN] = 1
+        ist[E.I_HASL] = self.known_L is not None
+        ist[E.I_STRAT] = 0 if self.strategy == "hull" else 1
+        ist[E.I_AFTER] = self.do_polish or self.do_branch
+        ist[E.I_CALLBACK] = self.callback is not None
+        ist[E.I_WANT] = self.do_branch
+        self.S = _SampleView(self.st)  # type: ignore[assignment]
+        self.T = _TreeView(self)  # type: ignore[assignment]
+
+    L = property(
+        lambda self: float(self.st[_engine.FS_][_engine.F_L]),
+        lambda self, v: self.st[_engine.FS_].__setitem__(_engine.F_L, v),
+    )
+    nfev = property(
+        lambda self: int(self.st[_engine.IST_][_engine.I_NFEV]),
+        lambda self, v: self.st[_engine.IST_].__setitem__(_engine.I_NFEV, v),
+    )
+    nit = property(
+        lambda self: int(self.st[_engine.IST_][_engine.I_NIT]),
+        lambda self, v: self.st[_engine.IST_].__setitem__(_engine.I_NIT, v),
+    )
+
+    def _ensure(self) -> None:
+        if not _engine.capacity_ok(self.st):
+            _engine.grow(self.st, _engine.keys_needed(self.st), self.rng)
+            self.tup = tuple(self.st)
+
+    def evaluate(self, x: FloatArray, kind: int, want_grad: bool) -> int:
+        if self.nfev >= self.maxfev:
+            raise _Stop(2)
+        x = np.array(x, dtype=np.float64)
+        self.nfev += 1
+        f, g = self._call(x, want_grad)
+        self._ensure()
+        W = self.st[_engine.W_]
+        W[_engine.W_XQ] = x
+        if g is not None:
+            W[_engine.W_GQ] = g
+        i = int(_engine.add_sample(self.tup, f, g is not None, kind))
+        if self.f_target is not None and f <= self.f_target:
+            raise _Stop(5)
+        return i
+
+    def _update_L(self) -> None:  # the engine updates L with every sample
+        pass
+
+    def _insert(self, i: int) -> None:
+        self._ensure()
+        _engine.insert_term(self.tup, i)
+
+    def fhat(self) -> float:
+        return float(_engine.fhat(self.tup))
+
+    def pruned_point(self, y: FloatArray) -> bool:
+        thr = self._prune_level()
+        return float(_engine.lower_above(self.tup, np.ascontiguousarray(y), thr)) > thr
+
+    def solve(self) -> OptimizeResult:
+        E, st = _engine, self.st
+        ist = st[E.IST_]
+        branch_queue: list[tuple[int, int]] = []
+        status = -1
+        f, has_g = 0.0, False
+        step, W = E.step, st[E.W_]
+        self._ensure()  # the first keys
+        W = st[E.W_]
+        try:
+            while True:
+                ev = step(self.tup, f, has_g)
+                if ev == E.EV_EVAL:
+                    f, g = self._call(W[E.W_XQ].copy(), bool(ist[E.I_WANT]))
+                    has_g = g is not None
+                    if has_g:
+                        W[E.W_GQ] = g
+                elif ev == E.EV_STOP:
+                    status = int(ist[E.I_STATUS])
+                    break
+                elif ev == E.EV_GROW:
+                    E.grow(st, E.keys_needed(st), self.rng)
+                    self.tup = tuple(st)
+                    W = st[E.W_]
+                elif ev == E.EV_AFTER:
+                    self._after_sample(int(ist[E.I_EVIDX]), branch_queue, 0)
+                    ist[E.I_BQ] = bool(branch_queue)
+                elif ev == E.EV_BRANCH:
+                    i, depth = branch_queue.pop()
+                    self._branch(i, depth, branch_queue)
+                    ist[E.I_BQ] = bool(branch_queue)
+                    self.nit += 1
+                    if self._call_back():
+                        status = 4
+                        break
+                elif ev == E.EV_ITER:
+                    if self._call_back():
+                        status = 4
+                        break
+                elif ev == E.EV_PART:
+                    # Ties among the best values: np.argpartition chooses, as in _Samples.
+                    m, k0 = int(ist[E.I_NPART]), int(ist[E.I_K0])
+                    bound, terms, tv = _terms_of(st[E.CAND_][:m].copy(), st[E.VALS_][:, :m].copy())
+                    st[E.TF_][E.TF_BOUND, k0 : k0 + 3] = bound
+                    st[E.TTERMS_][k0 : k0 + 3] = terms
+                    if tv is not None:
+                        st[E.TVAL_][k0 : k0 + 3] = tv
+                        st[E.TF_][E.TF_TVL, k0 : k0 + 3] = self.L
+                W = st[E.W_]
+        except _Stop as stop:
+            status = stop.status
+        if self.S.n_nonfinite == self.S.n:
+            status = 6
+        return self._result(status)
