@@ -15,9 +15,10 @@ BPGRAD=${BPGRAD:-bpgrad}
 BUDGET=${BUDGET:---epochs 1 --limit-train-batches 200}
 SEEDS=${SEEDS:-3}
 OUT=${OUT:-runs/lip}
+PROBLEMS=${PROBLEMS:-mnist_lenet fmnist_2c2d}  # one problem per process to run them side by side
 # shellcheck disable=SC2086
 C="$BUDGET --seeds $SEEDS --threads 1 --quiet --no-report"
-for P in mnist_lenet fmnist_2c2d; do
+for P in $PROBLEMS; do
   out=${OUT}_$P
   case $part in
     baselines)
