@@ -34,9 +34,11 @@ try:  # pragma: no cover - depends on the environment
 
     numba = _numba
     _njit: Any = numba.njit(cache=True, nogil=True)
+    _njit_inline: Any = numba.njit(cache=True, nogil=True, inline="always")
 except ImportError:  # pragma: no cover - depends on the environment
     numba = None
     _njit = None
+    _njit_inline = None
 
 _checked: dict[int, bool] = {}
 
@@ -47,7 +49,7 @@ def available() -> bool:
 
 if numba is not None:
 
-    @_njit
+    @_njit_inline
     def _sumsq(p: Any, d: int) -> float:
         # np.einsum's order: two lanes, unrolled blocks of 8 added from the top pair down.
         a0 = 0.0

@@ -1385,6 +1385,7 @@ class _EngineRun(_Run):
         ist[E.I_MAXFEV] = self.maxfev
         ist[E.I_M] = 1  # the index starts as one empty leaf (node 0)
         ist[E.I_NN] = 1
+        ist[E.I_FN] = 1  # the query tree starts as one empty leaf
         ist[E.I_HASL] = self.known_L is not None
         ist[E.I_STRAT] = 0 if self.strategy == "hull" else 1
         ist[E.I_AFTER] = self.do_polish or self.do_branch
@@ -1450,9 +1451,16 @@ class _EngineRun(_Run):
         step, W = E.step, st[E.W_]
         self._ensure()  # the first keys
         W = st[E.W_]
+        # Without jac a centre's evaluation is a plain call of func (what _call does then).
+        plain = self.jac is None
+        func, args, xq, EV_EVAL = self.func, self.args, W[E.W_XQ], E.EV_EVAL
         try:
             while True:
                 ev = step(self.tup, f, has_g)
+                if ev == EV_EVAL and plain:
+                    out = func(xq.copy(), *args)
+                    f = out if type(out) is float else _as_scalar(out)
+                    continue
                 if ev == E.EV_EVAL:
                     f, g = self._call(W[E.W_XQ].copy(), bool(ist[E.I_WANT]))
                     has_g = g is not None
@@ -1462,9 +1470,8 @@ class _EngineRun(_Run):
                     status = int(ist[E.I_STATUS])
                     break
                 elif ev == E.EV_GROW:
-                    E.grow(st, E.keys_needed(st), self.rng)
+                    E.grow(st, E.keys_needed(st), self.rng)  # W keeps its size
                     self.tup = tuple(st)
-                    W = st[E.W_]
                 elif ev == E.EV_AFTER:
                     self._after_sample(int(ist[E.I_EVIDX]), branch_queue, 0)
                     ist[E.I_BQ] = bool(branch_queue)
@@ -1489,7 +1496,6 @@ class _EngineRun(_Run):
                     if tv is not None:
                         st[E.TVAL_][k0 : k0 + 3] = tv
                         st[E.TF_][E.TF_TVL, k0 : k0 + 3] = self.L
-                W = st[E.W_]
         except _Stop as stop:
             status = stop.status
         if self.S.n_nonfinite == self.S.n:

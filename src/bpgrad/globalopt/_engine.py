@@ -37,20 +37,22 @@ I_N, I_BEST, I_NONFIN, I_NFEV, I_NIT, I_MAXFEV, I_TN, I_M = range(8)
 I_NN, I_HN, I_KPOS, I_KLEN, I_NCLS, I_POOL, I_PHASE, I_LEAF = range(8, 16)
 I_K0, I_NEW0, I_NEW1, I_NNEW, I_APOS, I_PEND, I_LDIRTY, I_STRAT = range(16, 24)
 I_AFTER, I_CALLBACK, I_BQ, I_STATUS, I_EVKIND, I_EVWANT, I_EVIDX, I_MAXCC = range(24, 32)
-I_HASL, I_NPART, I_WANT = range(32, 35)
+I_HASL, I_NPART, I_WANT, I_FN = range(32, 36)
 # Rows of the work array W.
 W_LB, W_UB, W_WIDTH, W_XQ, W_GQ, W_LOS, W_HIS, W_REL = 0, 1, 2, 3, 4, 5, 8, 11
 
 _LEAF, _SPLIT, _PRUNED, _RETIRED = 0, 1, 2, 3
 _K = 4
 _CAP = 32
+_FCAP = 8
 _SCAN_MAX = 256
 _L_GRID = 1.1
 GLOBAL = 0
 
 # Positions in the state tuple.
 (X_, G_, SF_, KIND_, ILO_, IHI_, IF_, IMEM_, ICNT_, NODES_, NSPLIT_, TLO_, THI_, TF_, TVAL_, TI_,
- TTERMS_, HF_, HC_, CI_, PF_, PC_, KEYS_, PEND_, FS_, IST_, W_, CAND_, VALS_, SLEAF_) = range(30)  # fmt: skip
+ TTERMS_, HF_, HC_, CI_, PF_, PC_, KEYS_, PEND_, FS_, IST_, W_, CAND_, VALS_, FLO_, FHI_, FF_, FI_,
+ FSPL_, FMEM_) = range(35)  # fmt: skip
 # Rows of TF (floats per cell) and TI (ints per cell).
 TF_BOUND, TF_VALUE, TF_SIZE, TF_TVL = range(4)
 TI_CHILD, TI_SDIM, TI_CENTER, TI_STATE = range(4)
@@ -59,7 +61,7 @@ TI_CHILD, TI_SDIM, TI_CENTER, TI_STATE = range(4)
 def new_state(d: int, lb: Any, ub: Any) -> list[Any]:
     """The engine's arrays at their initial sizes (``grow`` doubles them)."""
     s, lc, nc, cc, hc, kc, pc = 256, 64, 64, 256, 512, 0, 1024
-    st: list[Any] = [None] * 30
+    st: list[Any] = [None] * 35
     st[X_] = np.empty((s, d))
     st[G_] = np.full((s, d), np.nan)
     st[SF_] = np.empty((2, s))
@@ -102,7 +104,17 @@ def new_state(d: int, lb: Any, ub: Any) -> list[Any]:
     st[W_][W_WIDTH] = ub - lb
     st[CAND_] = np.zeros(s, dtype=np.int64)
     st[VALS_] = np.zeros((3, s))
-    st[SLEAF_] = np.zeros(s, dtype=np.int64)  # the index leaf of each sample
+    # The query tree: a k-d tree over the samples (leaves of at most _FCAP) whose every node
+    # keeps the box and the largest and smallest finite value of the samples below it, so a
+    # query skips whole subtrees. Fewer than s nodes: every leaf holds at least _FCAP / 2.
+    st[FLO_] = np.full((s, d), math.inf)
+    st[FHI_] = np.full((s, d), -math.inf)
+    st[FF_] = np.empty((2, s))
+    st[FF_][0] = -math.inf
+    st[FF_][1] = math.inf
+    st[FI_] = np.zeros((3, s), dtype=np.int64)  # rows: split coordinate, left child, count
+    st[FSPL_] = np.zeros(s)
+    st[FMEM_] = np.full((s, _FCAP), -1, dtype=np.int64)
     return st
 
 
@@ -129,7 +141,14 @@ def grow(st: list[Any], need_keys: int, rng: Any) -> None:
         st[SF_] = _grown(st[SF_], 1, 0.0)
         st[KIND_] = _grown(st[KIND_], 0, 0)
         st[CAND_] = _grown(st[CAND_], 0, 0)
-        st[SLEAF_] = _grown(st[SLEAF_], 0, 0)
+        st[FLO_] = _grown(st[FLO_], 0, math.inf)
+        st[FHI_] = _grown(st[FHI_], 0, -math.inf)
+        ff = _grown(st[FF_], 1, -math.inf)
+        ff[1, ff.shape[1] // 2 :] = math.inf
+        st[FF_] = ff
+        st[FI_] = _grown(st[FI_], 1, 0)
+        st[FSPL_] = _grown(st[FSPL_], 0, 0.0)
+        st[FMEM_] = _grown(st[FMEM_], 0, -1)
         st[VALS_] = _grown(st[VALS_], 1, 0.0)
     while m + 3 > st[ILO_].shape[0]:
         st[ILO_] = _grown(st[ILO_], 0, math.inf)
@@ -207,6 +226,11 @@ if _accel.numba is not None:
     from numba.extending import intrinsic
 
     njit = _accel._njit
+    # Helpers called per node, per sample or several times per division are inlined into
+    # their callers: a call that is not inlined takes and drops a reference to every array it
+    # is given (two atomic operations each; the whole state is 35 arrays), which costs more
+    # than most helpers themselves.
+    inline = _accel._njit_inline
     _sumsq = _accel._sumsq
 
     def _fma_typer(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
@@ -223,7 +247,7 @@ if _accel.numba is not None:
     # fma(a, b, c) = a * b + c rounded once: how the BLAS kernel behind `@` accumulates.
     _fma: Any = intrinsic(_fma_typer)
 
-    @njit
+    @inline
     def _dot(p: Any, d: int) -> float:
         # BLAS ddot below 16 coordinates: one fused multiply-add per coordinate, in order.
         s = 0.0
@@ -243,7 +267,7 @@ if _accel.numba is not None:
         return _L_GRID**e
 
     # ---- heaps: the smallest (value, key, cell) first, as heapq orders its tuples ----
-    @njit
+    @inline
     def _lt(v1: float, k1: float, c1: int, v2: float, k2: float, c2: int) -> bool:
         if v1 != v2:
             return v1 < v2
@@ -251,7 +275,7 @@ if _accel.numba is not None:
             return k1 < k2
         return c1 < c2
 
-    @njit
+    @inline
     def _hpush(HF: Any, HC: Any, base: int, n: int, v: float, k: float, c: int) -> None:
         q = n
         while q > 0:
@@ -267,7 +291,7 @@ if _accel.numba is not None:
         HF[1, base + q] = k
         HC[base + q] = c
 
-    @njit
+    @inline
     def _hpop(HF: Any, HC: Any, base: int, n: int) -> None:
         """Remove the top of a heap of n > 0 entries."""
         n -= 1
@@ -293,20 +317,20 @@ if _accel.numba is not None:
             HF[1, base + q] = k
             HC[base + q] = c
 
-    @njit
+    @inline
     def _key(st: Any) -> float:
         ist = st[IST_]
         k = st[KEYS_][ist[I_KPOS]]
         ist[I_KPOS] += 1
         return k
 
-    @njit
+    @inline
     def _push(st: Any, c: int) -> None:
         ist = st[IST_]
         _hpush(st[HF_], st[HC_], 0, ist[I_HN], st[TF_][TF_BOUND, c], _key(st), c)
         ist[I_HN] += 1
 
-    @njit
+    @inline
     def _push_size(st: Any, c: int) -> None:
         ist = st[IST_]
         CI = st[CI_]
@@ -335,7 +359,7 @@ if _accel.numba is not None:
         _hpush(PF, PC, CI[1, j], CI[2, j], st[TF_][TF_VALUE, c], _key(st), c)
         CI[2, j] += 1
 
-    @njit
+    @inline
     def _peek(st: Any) -> int:
         ist = st[IST_]
         HF, HC, TF, TI = st[HF_], st[HC_], st[TF_], st[TI_]
@@ -347,7 +371,7 @@ if _accel.numba is not None:
             ist[I_HN] -= 1
         return -1
 
-    @njit
+    @inline
     def lower_bound(st: Any) -> float:
         top = _peek(st)
         live = st[TF_][TF_BOUND, top] if top >= 0 else math.inf
@@ -420,8 +444,175 @@ if _accel.numba is not None:
             pend[t] = ci[nch - 1 - t]
         return nch
 
-    # ---- samples ----
+    # ---- the query tree ----
     @njit
+    def _fnode_set(st: Any, v: int, mem: Any, cnt: int) -> None:
+        X, F, FLO, FHI, FF = st[X_], st[SF_][0], st[FLO_], st[FHI_], st[FF_]
+        d = X.shape[1]
+        FLO[v] = math.inf
+        FHI[v] = -math.inf
+        FF[0, v], FF[1, v] = -math.inf, math.inf
+        st[FMEM_][v] = -1
+        for q in range(cnt):
+            i = mem[q]
+            st[FMEM_][v, q] = i
+            for c in range(d):
+                FLO[v, c] = min(FLO[v, c], X[i, c])
+                FHI[v, c] = max(FHI[v, c], X[i, c])
+            f = F[i]
+            if math.isfinite(f):
+                FF[0, v] = max(FF[0, v], f)
+                FF[1, v] = min(FF[1, v], f)
+        st[FI_][2, v] = cnt
+
+    @njit
+    def _ftree_insert(st: Any, i: int) -> None:
+        ist, X, F = st[IST_], st[X_], st[SF_][0]
+        FLO, FHI, FF, FI, FSPL, FMEM = st[FLO_], st[FHI_], st[FF_], st[FI_], st[FSPL_], st[FMEM_]
+        d = X.shape[1]
+        f = F[i]
+        fin = math.isfinite(f)
+        v = 0
+        grown = True
+        while True:
+            if grown:
+                for c in range(d):
+                    FLO[v, c] = min(FLO[v, c], X[i, c])
+                    FHI[v, c] = max(FHI[v, c], X[i, c])
+                if fin:
+                    FF[0, v] = max(FF[0, v], f)
+                    FF[1, v] = min(FF[1, v], f)
+            grown = True
+            cnt = FI[2, v]
+            if cnt < 0:
+                v = FI[1, v] + (1 if X[i, FI[0, v]] > FSPL[v] else 0)
+                continue
+            if cnt < _FCAP:
+                FMEM[v, cnt] = i
+                FI[2, v] = cnt + 1
+                return
+            # full leaf: halve it at the median of its widest side, then go on below it
+            k = 0
+            for c in range(1, d):
+                if FHI[v, c] - FLO[v, c] > FHI[v, k] - FLO[v, k]:
+                    k = c
+            mem = FMEM[v].copy()
+            for a in range(1, _FCAP):
+                o = mem[a]
+                q = a
+                while q > 0 and X[mem[q - 1], k] > X[o, k]:
+                    mem[q] = mem[q - 1]
+                    q -= 1
+                mem[q] = o
+            h = _FCAP // 2
+            left = ist[I_FN]
+            ist[I_FN] += 2
+            _fnode_set(st, left, mem[:h], h)
+            _fnode_set(st, left + 1, mem[h:], _FCAP - h)
+            FI[0, v], FI[1, v], FI[2, v] = k, left, -1
+            FSPL[v] = X[mem[h - 1], k]
+            FMEM[v] = -1
+            grown = False  # v's box and values already hold sample i
+
+    @inline
+    def _fdist(FLO: Any, FHI: Any, v: int, y: Any, p: Any) -> float:
+        d = y.shape[0]
+        for c in range(d):
+            g = max(max(FLO[v, c] - y[c], y[c] - FHI[v, c]), 0.0)
+            p[c] = g * g
+        return math.sqrt(_sumsq(p, d))
+
+    @njit
+    def _fball(
+        X: Any, Fb: Any, FLO: Any, FHI: Any, FF: Any, FI: Any, FMEM: Any, fn: int,
+        y: Any, L: float, thr: float, cut: float,
+    ) -> float:  # fmt: skip
+        """Some value f_i - L ||y - x_i|| above thr if there is one, else at most thr: the
+        caller only asks whether y is in a ball (likelier subtrees first, stop at the first).
+        It takes the arrays it reads, not the state: see ``inline`` above."""
+        d = X.shape[1]
+        p = np.empty(d)
+        sv = np.empty(fn + 1, dtype=np.int64)
+        sv[0] = 0
+        top = 1
+        best = -math.inf
+        while top > 0:
+            top -= 1
+            v = sv[top]
+            cnt = FI[2, v]
+            if cnt < 0:
+                a = FI[1, v]
+                ba = FF[0, a] - L * _fdist(FLO, FHI, a, y, p)
+                bb = FF[0, a + 1] - L * _fdist(FLO, FHI, a + 1, y, p)
+                if ba >= cut and bb >= cut:
+                    if ba > bb:
+                        sv[top], sv[top + 1] = a + 1, a
+                    else:
+                        sv[top], sv[top + 1] = a, a + 1
+                    top += 2
+                elif ba >= cut:
+                    sv[top] = a
+                    top += 1
+                elif bb >= cut:
+                    sv[top] = a + 1
+                    top += 1
+                continue
+            for q in range(cnt):
+                i = FMEM[v, q]
+                for c in range(d):
+                    t = X[i, c] - y[c]
+                    p[c] = t * t
+                val = Fb[i] - L * math.sqrt(_sumsq(p, d))
+                if val > best:
+                    best = val
+                    if val > thr:
+                        return val
+        return best
+
+    @njit
+    def _fslope(st: Any, x: Any, f: float, smax: float) -> float:
+        """max(smax, |f - f_i| / ||x - x_i||) over the samples: a maximum, so the order in
+        which subtrees are visited and the rising cut change no bit of it."""
+        ist, X, Fb = st[IST_], st[X_], st[SF_][1]
+        FLO, FHI, FF, FI, FMEM = st[FLO_], st[FHI_], st[FF_], st[FI_], st[FMEM_]
+        d = X.shape[1]
+        p = np.empty(d)
+        sv = np.empty(ist[I_FN] + 1, dtype=np.int64)
+        sd = np.empty(ist[I_FN] + 1)  # the node's box distance, with its largest |f - f_i|
+        sf = np.empty(ist[I_FN] + 1)
+        sv[0], sd[0], sf[0] = 0, 0.0, math.inf
+        top = 1
+        out = smax
+        while top > 0:
+            top -= 1
+            v = sv[top]
+            if not sf[top] >= out * (1 - 1e-9) * sd[top]:
+                continue
+            cnt = FI[2, v]
+            if cnt < 0:
+                a = FI[1, v]
+                for u in (a + 1, a):
+                    sv[top] = u
+                    sd[top] = _fdist(FLO, FHI, u, x, p)
+                    sf[top] = max(f - FF[1, u], FF[0, u] - f)
+                    top += 1
+                continue
+            for q in range(cnt):
+                i = FMEM[v, q]
+                if not Fb[i] > -math.inf:
+                    continue
+                for c in range(d):
+                    t = X[i, c] - x[c]
+                    p[c] = t * t
+                r = math.sqrt(_sumsq(p, d))
+                if r > 0:
+                    sl = abs(Fb[i] - f) / r
+                    if sl > out:
+                        out = sl
+        return out
+
+    # ---- samples ----
+    @inline
     def lower_above(st: Any, y: Any, thr: float) -> float:
         """``_Samples.lower_above``."""
         ist, fs = st[IST_], st[FS_]
@@ -431,12 +622,17 @@ if _accel.numba is not None:
         scan = n <= _SCAN_MAX
         L = fs[F_L]
         cut = 0.0 if scan else thr - (1e-9 * (abs(thr) + fs[F_FABS] + L * fs[F_DIAG]) + 1e-300)
+        if not scan:
+            return _fball(
+                st[X_], st[SF_][1], st[FLO_], st[FHI_], st[FF_], st[FI_], st[FMEM_], ist[I_FN],
+                y, L, thr, cut,
+            )  # fmt: skip
         return _accel.ball_max(
             st[X_], st[SF_][1], n, y, L, thr, cut, scan,
             st[ILO_], st[IHI_], st[IF_][0], st[IMEM_], ist[I_M],
         )  # fmt: skip
 
-    @njit
+    @inline
     def fhat(st: Any) -> float:
         ist, fs = st[IST_], st[FS_]
         fb = fs[F_FBEST]
@@ -451,7 +647,7 @@ if _accel.numba is not None:
                 delta = t
         return fb - delta
 
-    @njit
+    @inline
     def _prune_level(st: Any) -> float:
         fh = fhat(st)
         return fh + 1e-12 * (1 + abs(fh))
@@ -489,7 +685,6 @@ if _accel.numba is not None:
             for q in range(half):
                 i = old[order[a0 + q]]
                 mem[leaf, q] = i
-                st[SLEAF_][i] = leaf
                 for c in range(d):
                     if q == 0 or X[i, c] < lo[leaf, c]:
                         lo[leaf, c] = X[i, c]
@@ -520,7 +715,9 @@ if _accel.numba is not None:
         i = ist[I_N]
         Fb = st[SF_][1]
         finite = math.isfinite(f)
-        if finite and i > 0:
+        if finite and i > _SCAN_MAX:
+            fs[F_SLOPE] = _fslope(st, x, f, fs[F_SLOPE])
+        elif finite and i > 0:
             fs[F_SLOPE] = _accel.slope_max(
                 X, Fb, i, x, f, fs[F_SLOPE], i <= _SCAN_MAX,
                 st[ILO_], st[IHI_], st[IF_][0], st[IF_][1], st[IMEM_], ist[I_M],
@@ -549,11 +746,7 @@ if _accel.numba is not None:
             if v < 0:
                 break
             _split_leaf(st, v)
-        nodes, split = st[NODES_], st[NSPLIT_]
-        v = 0
-        while nodes[2, v] < 0:
-            v = nodes[1, v] + (1 if X[i, nodes[0, v]] > split[v] else 0)
-        st[SLEAF_][i] = nodes[2, v]
+        _ftree_insert(st, i)
         if not finite:
             ist[I_NONFIN] += 1
         else:
@@ -578,7 +771,7 @@ if _accel.numba is not None:
         return i
 
     # ---- cells ----
-    @njit
+    @inline
     def add_term(st: Any, leaf: int, idx: int) -> None:
         """``_Tree.add_term``."""
         fb = st[SF_][1, idx]
@@ -636,7 +829,7 @@ if _accel.numba is not None:
         """``_Run._insert``: a non-centre sample tightens the bound of its cell."""
         add_term(st, leaf_of(st, st[X_][i]), i)
 
-    @njit
+    @inline
     def _place(st: Any, c: int, lower: float, has_lower: bool, fh: float, rel: Any) -> None:
         """``_Run._place``."""
         TF, TI, fs = st[TF_], st[TI_], st[FS_]
@@ -708,7 +901,7 @@ if _accel.numba is not None:
                 if ctr >= 0 and math.isfinite(F[ctr]):
                     _push_size(st, c)
 
-    @njit
+    @inline
     def _request(st: Any, y: Any, phase: int, want: int) -> int:
         """Ask the caller for f(y): EV_EVAL, or EV_STOP with status 2 at the budget."""
         ist = st[IST_]
@@ -722,7 +915,7 @@ if _accel.numba is not None:
         ist[I_PHASE] = phase
         return EV_EVAL
 
-    @njit
+    @inline
     def _after(st: Any, i: int, phase: int) -> int:
         """``_Run._after_sample`` needs Python (polish or branch) only for a finite sample."""
         ist = st[IST_]
@@ -732,7 +925,7 @@ if _accel.numba is not None:
             return EV_AFTER
         return -1
 
-    @njit
+    @inline
     def _terms_trivial(st: Any, k0: int, cand: Any, vals: Any) -> None:
         m = cand.shape[0]
         TF, terms = st[TF_], st[TTERMS_]
@@ -745,91 +938,128 @@ if _accel.numba is not None:
             for q in range(_K):
                 terms[k0 + j, q] = cand[q] if q < m else -1
 
-    @njit
-    def _top_insert(bv: Any, bi: Any, cnt: int, v: float, i: int) -> int:
-        """Keep the K + 1 largest values of a row as ``_accel.top_terms`` does; new count."""
-        K1 = bv.shape[0]
-        if cnt == K1 and not v > bv[K1 - 1]:
+    @inline
+    def _top_insert(bv: Any, bi: Any, j: int, cnt: int, v: float, i: int) -> int:
+        """Keep the K + 1 largest values of row j as ``_accel.top_terms`` does; new count."""
+        K1 = bv.shape[1]
+        if cnt == K1 and not v > bv[j, K1 - 1]:
             return cnt
         q = cnt if cnt < K1 else K1 - 1
-        while q > 0 and bv[q - 1] < v:
+        while q > 0 and bv[j, q - 1] < v:
             if q < K1:
-                bv[q] = bv[q - 1]
-                bi[q] = bi[q - 1]
+                bv[j, q] = bv[j, q - 1]
+                bi[j, q] = bi[j, q - 1]
             q -= 1
-        bv[q] = v
-        bi[q] = i
+        bv[j, q] = v
+        bi[j, q] = i
         return cnt + 1 if cnt < K1 else cnt
+
+    @inline
+    def _fsplit_bound(
+        FLO: Any, FHI: Any, fb: Any, v: int, los: Any, his: Any, k: int, L: float, p: Any
+    ) -> float:
+        """``_accel.split_vals``'s leaf bound on a query-tree node, for the three cells at once."""
+        d = p.shape[0]
+        for c in range(d):
+            y0 = 0.5 * (los[0, c] + his[0, c])
+            g = max(max(FLO[v, c] - y0, y0 - FHI[v, c]), 0.0) + 0.5 * (his[0, c] - los[0, c])
+            if c == k:
+                for j in (1, 2):
+                    ck = 0.5 * (los[j, k] + his[j, k])
+                    gj = max(max(FLO[v, k] - ck, ck - FHI[v, k]), 0.0) + 0.5 * (
+                        his[j, k] - los[j, k]
+                    )
+                    g = min(g, gj)
+            p[c] = g * g
+        return fb[v] - L * math.sqrt(_sumsq(p, d))
 
     @njit
     def _split_best_first(st: Any, los: Any, his: Any, k: int, L: float, seeds: Any) -> bool:
         """The kept samples of the three new cells (``_accel.split_vals`` + ``top_terms``)
-        without visiting most candidates: the seeds' leaves first, then only leaves whose bound
-        reaches each cell's current (K + 1)-th best value. Samples left out are strictly below
-        it, so the K + 1 best values, hence the kept set and the tie test, are those of the
-        full candidate set. Returns False on a tie (the caller then takes the old path, whose
-        candidate order np.argpartition's choice depends on)."""
+        without visiting most candidates: the seeds first, then only query-tree nodes, and then
+        samples, whose bound reaches every cell's current K-th best value. A sample left out is
+        strictly below the final K-th best value of every cell, so it can neither be kept nor
+        tie with a kept value: the kept set and the tie test are those of the full candidate
+        set. Returns False on a tie (the caller then takes the old path: np.argpartition's
+        choice among ties depends on its candidate order)."""
         ist, fs, TF = st[IST_], st[FS_], st[TF_]
         X, Fb = st[X_], st[SF_][1]
-        lo, hi, fb, mem, cnt = st[ILO_], st[IHI_], st[IF_][0], st[IMEM_], st[ICNT_]
-        m = ist[I_M]
+        FI, FMEM, FLO, FHI, FB = st[FI_], st[FMEM_], st[FLO_], st[FHI_], st[FF_][0]
         d = X.shape[1]
         p = np.empty(d)
         K1 = _K + 1
         bv = np.full((3, K1), -math.inf)
         bi = np.full((3, K1), -1, dtype=np.int64)
         nb = np.zeros(3, dtype=np.int64)
-        done = np.zeros(m, dtype=np.bool_)
-        for t in range(seeds.shape[0] + m):
-            if t < seeds.shape[0]:
-                s = st[SLEAF_][seeds[t]]
-                if done[s]:
+        ns = seeds.shape[0]
+        for t in range(ns):
+            i = seeds[t]
+            for j in range(3):
+                for c in range(d):
+                    a = max(abs(X[i, c] - los[j, c]), abs(X[i, c] - his[j, c]))
+                    p[c] = a * a
+                nb[j] = _top_insert(bv, bi, j, nb[j], Fb[i] - L * math.sqrt(_sumsq(p, d)), i)
+        slack = 1e-9 * (fs[F_FABS] + L * fs[F_DIAG]) + 1e-300
+        cuts = np.empty(3)
+        sv = np.empty(ist[I_FN] + 1, dtype=np.int64)
+        sb = np.empty(ist[I_FN] + 1)
+        sv[0], sb[0] = 0, math.inf
+        top = 1
+        while top > 0:
+            # each cell's K-th best so far, less the rounding slack of the bounds
+            for j in range(3):
+                t = bv[j, _K - 1]
+                cuts[j] = t - (1e-9 * abs(t) + slack) if t > -math.inf else -math.inf
+            cut = min(cuts[0], min(cuts[1], cuts[2]))
+            top -= 1
+            v = sv[top]
+            if not sb[top] >= cut:
+                continue
+            cnt = FI[2, v]
+            if cnt < 0:
+                a = FI[1, v]
+                ba = _fsplit_bound(FLO, FHI, FB, a, los, his, k, L, p)
+                bb = _fsplit_bound(FLO, FHI, FB, a + 1, los, his, k, L, p)
+                if ba > bb:
+                    sv[top], sb[top], sv[top + 1], sb[top + 1] = a + 1, bb, a, ba
+                else:
+                    sv[top], sb[top], sv[top + 1], sb[top + 1] = a, ba, a + 1, bb
+                top += 2
+                continue
+            for q in range(cnt):
+                i = FMEM[v, q]
+                seen = False
+                for t in range(ns):
+                    if seeds[t] == i:
+                        seen = True
+                if seen:
                     continue
-            else:
-                s = t - seeds.shape[0]
-                if done[s]:
-                    continue
-                thr = bv[0, K1 - 1]
-                for j in range(1, 3):
-                    if bv[j, K1 - 1] < thr:
-                        thr = bv[j, K1 - 1]
-                if thr > -math.inf:
-                    cut = thr - (1e-9 * (abs(thr) + fs[F_FABS] + L * fs[F_DIAG]) + 1e-300)
-                    # the leaf bound of _accel.split_vals, for all three cells at once
-                    for c in range(d):
-                        y0 = 0.5 * (los[0, c] + his[0, c])
-                        g = max(max(lo[s, c] - y0, y0 - hi[s, c]), 0.0) + 0.5 * (
-                            his[0, c] - los[0, c]
-                        )
-                        if c == k:
-                            ck1 = 0.5 * (los[1, k] + his[1, k])
-                            ck2 = 0.5 * (los[2, k] + his[2, k])
-                            g1 = max(max(lo[s, k] - ck1, ck1 - hi[s, k]), 0.0) + 0.5 * (
-                                his[1, k] - los[1, k]
-                            )
-                            g2 = max(max(lo[s, k] - ck2, ck2 - hi[s, k]), 0.0) + 0.5 * (
-                                his[2, k] - los[2, k]
-                            )
-                            g = min(g, min(g1, g2))
-                        p[c] = g * g
-                    if not fb[s] - L * math.sqrt(_sumsq(p, d)) >= cut:
-                        continue
-            done[s] = True
-            for q in range(cnt[s]):
-                i = mem[s, q]
+                # a cheap estimate first: the cells differ only along k
+                common = 0.0
+                for c in range(d):
+                    if c != k:
+                        a = max(abs(X[i, c] - los[0, c]), abs(X[i, c] - his[0, c]))
+                        common += a * a
                 for j in range(3):
+                    a = max(abs(X[i, k] - los[j, k]), abs(X[i, k] - his[j, k]))
+                    if Fb[i] - L * math.sqrt(common + a * a) * (1 - 1e-12) < cuts[j]:
+                        continue
                     for c in range(d):
                         a = max(abs(X[i, c] - los[j, c]), abs(X[i, c] - his[j, c]))
                         p[c] = a * a
-                    v = Fb[i] - L * math.sqrt(_sumsq(p, d))
-                    nb[j] = _top_insert(bv[j], bi[j], nb[j], v, i)
+                    v2 = Fb[i] - L * math.sqrt(_sumsq(p, d))
+                    nb[j] = _top_insert(bv, bi, j, nb[j], v2, i)
+                    t = bv[j, _K - 1]
+                    cuts[j] = t - (1e-9 * abs(t) + slack) if t > -math.inf else -math.inf
         k0 = ist[I_K0]
         for j in range(3):
-            if nb[j] < K1:
+            if nb[j] < _K:
                 return False
-            for q in range(_K):
+            for q in range(_K - 1):
                 if not bv[j, q] > bv[j, q + 1]:
                     return False
+            if nb[j] > _K and not bv[j, _K - 1] > bv[j, _K]:
+                return False
         for j in range(3):
             TF[TF_BOUND, k0 + j] = bv[j, 0]
             TF[TF_TVL, k0 + j] = L
@@ -921,7 +1151,7 @@ if _accel.numba is not None:
         ist[I_NPART] = m
         return EV_PART
 
-    @njit
+    @inline
     def _ball_child(st: Any, j: int, phase: int) -> int:
         """Ask whether new cell j's centre lies in a ball; request it when it does not."""
         W, fs = st[W_], st[FS_]
@@ -933,11 +1163,11 @@ if _accel.numba is not None:
             return _request(st, y, phase, _want(st))
         return -1
 
-    @njit
+    @inline
     def _want(st: Any) -> int:
         return st[IST_][I_WANT]
 
-    @njit
+    @inline
     def _place_all(st: Any) -> None:
         ist, fs, W, TI = st[IST_], st[FS_], st[W_], st[TI_]
         k0 = ist[I_K0]
