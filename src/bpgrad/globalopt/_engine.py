@@ -13,6 +13,11 @@ so the same points are evaluated: the heaps return the smallest ``(value, key, c
 ``heapq``, the random tie-break keys are consumed in the same order, the sums of squares follow
 ``np.einsum`` (``_accel._sumsq``) and the dot products follow the BLAS ``ddot`` that ``@`` calls
 (a fused multiply-add per coordinate, checked against ``@`` before use by :func:`usable`).
+
+The queries over the samples use a second k-d tree (leaves of ``_FCAP``) whose nodes keep their
+box and their largest and smallest finite value, so whole subtrees are skipped; the 32-sample
+leaf index of ``_core`` is still maintained, because when a new cell's kept samples tie,
+``np.argpartition`` decides among them in that index's candidate order.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ I_HASL, I_NPART, I_WANT, I_FN = range(32, 36)
 W_LB, W_UB, W_WIDTH, W_XQ, W_GQ, W_LOS, W_HIS, W_REL = 0, 1, 2, 3, 4, 5, 8, 11
 
 _LEAF, _SPLIT, _PRUNED, _RETIRED = 0, 1, 2, 3
+_dot_checked: dict[int, bool] = {}
 _K = 4
 _CAP = 32
 _FCAP = 8
@@ -244,6 +250,23 @@ if _accel.numba is not None:
 
         return sig, codegen
 
+    def _borrow_typer(typingctx: Any, arr: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            ary = context.make_array(signature.args[0])(context, builder, value=args[0])
+            ary.meminfo = cgutils.get_null_value(ary.meminfo.type)
+            ary.parent = cgutils.get_null_value(ary.parent.type)
+            return ary._getvalue()
+
+        return arr(arr), codegen
+
+    # The same array without its reference count (a null meminfo, so numba's incref and decref
+    # of it do nothing). step() works on borrowed views of the state: every helper that is
+    # handed the state tuple would otherwise take and drop a reference to each of its 35
+    # arrays, two atomic operations each, which perf showed as a third of the run time. Safe
+    # because the caller's tuple keeps the arrays alive for the whole call and nothing inside
+    # keeps a view past it (the arrays only ever grow in Python, between calls).
+    _borrow: Any = intrinsic(_borrow_typer)
+
     # fma(a, b, c) = a * b + c rounded once: how the BLAS kernel behind `@` accumulates.
     _fma: Any = intrinsic(_fma_typer)
 
@@ -318,16 +341,15 @@ if _accel.numba is not None:
             HC[base + q] = c
 
     @inline
-    def _key(st: Any) -> float:
-        ist = st[IST_]
-        k = st[KEYS_][ist[I_KPOS]]
+    def _key(keys: Any, ist: Any) -> float:
+        k = keys[ist[I_KPOS]]
         ist[I_KPOS] += 1
         return k
 
     @inline
-    def _push(st: Any, c: int) -> None:
-        ist = st[IST_]
-        _hpush(st[HF_], st[HC_], 0, ist[I_HN], st[TF_][TF_BOUND, c], _key(st), c)
+    def _push(HF: Any, HC: Any, bound: Any, keys: Any, ist: Any, c: int) -> None:
+        """Push cell c on the lazy heap of bounds (its arrays only: see ``inline``)."""
+        _hpush(HF, HC, 0, ist[I_HN], bound[c], _key(keys, ist), c)
         ist[I_HN] += 1
 
     @inline
@@ -356,7 +378,7 @@ if _accel.numba is not None:
             ist[I_POOL] += 2 * cnt
             if 2 * cnt > ist[I_MAXCC]:
                 ist[I_MAXCC] = 2 * cnt
-        _hpush(PF, PC, CI[1, j], CI[2, j], st[TF_][TF_VALUE, c], _key(st), c)
+        _hpush(PF, PC, CI[1, j], CI[2, j], st[TF_][TF_VALUE, c], _key(st[KEYS_], ist), c)
         CI[2, j] += 1
 
     @inline
@@ -633,12 +655,12 @@ if _accel.numba is not None:
         )  # fmt: skip
 
     @inline
-    def fhat(st: Any) -> float:
-        ist, fs = st[IST_], st[FS_]
+    def _fh(fs: Any, ist: Any, d: int) -> float:
+        """``_Run.fhat`` from the scalars alone (see ``inline``)."""
         fb = fs[F_FBEST]
         if not math.isfinite(fb):
             return math.inf
-        if not (ist[I_HASL] == 1 or ist[I_N] - ist[I_NONFIN] >= 10 * (st[X_].shape[1] + 1)):
+        if not (ist[I_HASL] == 1 or ist[I_N] - ist[I_NONFIN] >= 10 * (d + 1)):
             return math.inf
         delta = fs[F_TOL]
         if not math.isnan(fs[F_FLOWER]):
@@ -648,9 +670,14 @@ if _accel.numba is not None:
         return fb - delta
 
     @inline
-    def _prune_level(st: Any) -> float:
-        fh = fhat(st)
+    def _pl(fs: Any, ist: Any, d: int) -> float:
+        """``_Run._prune_level``."""
+        fh = _fh(fs, ist, d)
         return fh + 1e-12 * (1 + abs(fh))
+
+    @njit
+    def fhat(st: Any) -> float:
+        return _fh(st[FS_], st[IST_], st[X_].shape[1])
 
     @njit
     def _split_leaf(st: Any, v: int) -> None:
@@ -788,7 +815,7 @@ if _accel.numba is not None:
         if val > TF[TF_BOUND, leaf]:
             TF[TF_BOUND, leaf] = val
             if TI[TI_STATE, leaf] == _LEAF:
-                _push(st, leaf)
+                _push(st[HF_], st[HC_], st[TF_][TF_BOUND], st[KEYS_], st[IST_], leaf)
         for q in range(_K):
             if terms[leaf, q] == -1:
                 terms[leaf, q] = idx
@@ -851,7 +878,7 @@ if _accel.numba is not None:
             if bound < fs[F_PMIN]:
                 fs[F_PMIN] = bound
         else:
-            _push(st, c)
+            _push(st[HF_], st[HC_], st[TF_][TF_BOUND], st[KEYS_], st[IST_], c)
             if finite:
                 _push_size(st, c)
 
@@ -891,7 +918,7 @@ if _accel.numba is not None:
         ist[I_HN] = 0
         for c in range(tn):
             if TI[TI_STATE, c] == _LEAF:
-                _push(st, c)
+                _push(st[HF_], st[HC_], st[TF_][TF_BOUND], st[KEYS_], st[IST_], c)
         ist[I_NCLS] = 0
         ist[I_POOL] = 0
         ist[I_MAXCC] = 0
@@ -1156,11 +1183,11 @@ if _accel.numba is not None:
         """Ask whether new cell j's centre lies in a ball; request it when it does not."""
         W, fs = st[W_], st[FS_]
         y = 0.5 * (W[W_LOS + j] + W[W_HIS + j])
-        thr = _prune_level(st)
+        thr = _pl(st[FS_], st[IST_], st[X_].shape[1])
         lower = lower_above(st, y, thr)
         fs[F_LOW0 + j] = lower
         if not lower > thr:
-            return _request(st, y, phase, _want(st))
+            return _request(st, y, phase, st[IST_][I_WANT])
         return -1
 
     @inline
@@ -1171,7 +1198,7 @@ if _accel.numba is not None:
     def _place_all(st: Any) -> None:
         ist, fs, W, TI = st[IST_], st[FS_], st[W_], st[TI_]
         k0 = ist[I_K0]
-        fh = fhat(st)
+        fh = _fh(st[FS_], st[IST_], st[X_].shape[1])
         rel = W[W_REL]
         parent_ctr_missing = TI[TI_CENTER, k0 + 1] < 0
         for j in range(3):
@@ -1180,8 +1207,45 @@ if _accel.numba is not None:
             _place(st, k0 + j, fs[F_LOW0 + j], has, fh, rel)
 
     @njit
-    def step(st: Any, f: float, has_g: bool) -> int:
+    def step(st0: Any, f: float, has_g: bool) -> int:
         """Run the search until Python must act; returns an event code (see module top)."""
+        st = (
+            _borrow(st0[0]),
+            _borrow(st0[1]),
+            _borrow(st0[2]),
+            _borrow(st0[3]),
+            _borrow(st0[4]),
+            _borrow(st0[5]),
+            _borrow(st0[6]),
+            _borrow(st0[7]),
+            _borrow(st0[8]),
+            _borrow(st0[9]),
+            _borrow(st0[10]),
+            _borrow(st0[11]),
+            _borrow(st0[12]),
+            _borrow(st0[13]),
+            _borrow(st0[14]),
+            _borrow(st0[15]),
+            _borrow(st0[16]),
+            _borrow(st0[17]),
+            _borrow(st0[18]),
+            _borrow(st0[19]),
+            _borrow(st0[20]),
+            _borrow(st0[21]),
+            _borrow(st0[22]),
+            _borrow(st0[23]),
+            _borrow(st0[24]),
+            _borrow(st0[25]),
+            _borrow(st0[26]),
+            _borrow(st0[27]),
+            _borrow(st0[28]),
+            _borrow(st0[29]),
+            _borrow(st0[30]),
+            _borrow(st0[31]),
+            _borrow(st0[32]),
+            _borrow(st0[33]),
+            _borrow(st0[34]),
+        )  # fmt: skip
         ist, fs, W, TF, TI = st[IST_], st[FS_], st[W_], st[TF_], st[TI_]
         ph = ist[I_PHASE]
         if ph == PH_START:
@@ -1189,7 +1253,7 @@ if _accel.numba is not None:
             ist[I_TN] = 1
             st[TLO_][0] = W[W_LB]
             st[THI_][0] = W[W_UB]
-            return _request(st, 0.5 * (W[W_LB] + W[W_UB]), PH_ROOT, _want(st))
+            return _request(st, 0.5 * (W[W_LB] + W[W_UB]), PH_ROOT, st[IST_][I_WANT])
         if ph == PH_ROOT or ph == PH_REEVAL or ph == PH_DIV0 or ph == PH_DIV2:
             i = add_sample(st, f, has_g, GLOBAL)
             if f <= fs[F_FTARGET]:
@@ -1209,7 +1273,7 @@ if _accel.numba is not None:
                 st[TTERMS_][0, 0] = i
                 rel = W[W_REL]
                 rel[:] = (W[W_UB] - W[W_LB]) / W[W_WIDTH]
-                _place(st, 0, 0.0, False, fhat(st), rel)
+                _place(st, 0, 0.0, False, _fh(st[FS_], st[IST_], st[X_].shape[1]), rel)
                 ev = _after(st, i, PH_LOOP)
                 if ev >= 0:
                     return ev
@@ -1297,7 +1361,7 @@ if _accel.numba is not None:
             if ist[I_BQ] == 1:
                 return EV_BRANCH
             leaf = _peek(st)
-            if leaf < 0 or TF[TF_BOUND, leaf] > fhat(st):
+            if leaf < 0 or TF[TF_BOUND, leaf] > _fh(st[FS_], st[IST_], st[X_].shape[1]):
                 ist[I_STATUS] = 0 if fb - lower_bound(st) <= fs[F_TOL] else 1
                 return EV_STOP
             if ist[I_STRAT] == 0:
@@ -1309,17 +1373,17 @@ if _accel.numba is not None:
                 if ist[I_PEND] > 0:
                     ist[I_PEND] -= 1
                     leaf = pend[ist[I_PEND]]
-            if TF[TF_BOUND, leaf] > fhat(st):
+            if TF[TF_BOUND, leaf] > _fh(st[FS_], st[IST_], st[X_].shape[1]):
                 TI[TI_STATE, leaf] = _PRUNED
                 if TF[TF_BOUND, leaf] < fs[F_PMIN]:
                     fs[F_PMIN] = TF[TF_BOUND, leaf]
             else:
                 if TI[TI_CENTER, leaf] < 0:
                     y = 0.5 * (st[TLO_][leaf] + st[THI_][leaf])
-                    thr = _prune_level(st)
+                    thr = _pl(st[FS_], st[IST_], st[X_].shape[1])
                     if not lower_above(st, y, thr) > thr:
                         ist[I_LEAF] = leaf
-                        return _request(st, y, PH_REEVAL, _want(st))
+                        return _request(st, y, PH_REEVAL, st[IST_][I_WANT])
                 r = _split_cell(st, leaf)
                 if r == EV_PART:
                     ist[I_PHASE] = PH_PART
@@ -1338,13 +1402,18 @@ if _accel.numba is not None:
                 return EV_ITER
 
     def usable(d: int) -> bool:
-        """The engine's dot products must round like ``@`` (BLAS) in dimension d."""
+        """Whether the engine may run in dimension d: the kernels of ``_accel`` may (numba,
+        einsum's order), and its dot products round like ``@`` (BLAS) on random rows of width
+        d. From 16 coordinates on the BLAS kernel sums in blocks, which ``_dot`` does not."""
         if not _accel.kernels_for(d) or d >= 16:
             return False
-        rng = np.random.default_rng(54321)
-        A = rng.standard_normal((2048, d)) * np.exp(rng.uniform(-20, 20, (2048, d)))
-        want = np.array([float(r @ r) for r in A])
-        return bool(np.array_equal(dot_rows(A), want))
+        ok = _dot_checked.get(d)
+        if ok is None:
+            rng = np.random.default_rng(54321)
+            A = rng.standard_normal((2048, d)) * np.exp(rng.uniform(-20, 20, (2048, d)))
+            want = np.array([float(r @ r) for r in A])
+            ok = _dot_checked[d] = bool(np.array_equal(dot_rows(A), want))
+        return ok
 
 else:
 
