@@ -5,8 +5,9 @@ global sample, measures total wall time and subtracts the objective's own time (
 separate loop over the same points). With ``--rev REV`` it also loads ``_core.py`` as it is at
 that git revision and runs both versions back to back in this one process, ``--reps`` times each
 (the minimum is kept), so machine load affects both alike; the evaluated points must be
-identical. The working tree uses the compiled kernels of ``_accel.py`` when numba can be
-imported (``BPGRAD_NUMBA=0`` times the NumPy path); the first line printed says which. Usage::
+identical. The working tree uses the compiled search loop of ``_engine.py`` (and the kernels of
+``_accel.py``) when numba can be imported (``BPGRAD_NUMBA=0`` times the NumPy path); the first
+line printed says which. Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/globalopt_overhead.py [--max 100000]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/globalopt_overhead.py --rev b802414 --reps 3
@@ -55,7 +56,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1)
     a = ap.parse_args()
     ref = None if a.rev is None else load_reference(a.rev)
-    path = "numba kernels" if _accel.available() else "NumPy only"
+    path = "numba (compiled loop)" if _accel.available() else "NumPy only"
     print(f"working tree: {path}\n")
     if ref is None:
         print("| d | evaluations | total s | objective s | overhead µs/eval |")
