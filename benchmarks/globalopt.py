@@ -291,9 +291,12 @@ def hit_cost(rec: dict[str, Any]) -> int | None:
     return None
 
 
-def run_all(solvers: list[str], probs: list[Problem], boxes: int = 3) -> None:
+def run_all(
+    solvers: list[str], probs: list[Problem], boxes: int = 3, only_box: int | None = None
+) -> None:
     # Box by box, so that an interrupted run has whole boxes of every problem to summarise.
-    for box, prob in ((b, p) for b in range(boxes) for p in probs):
+    order = range(boxes) if only_box is None else [only_box]
+    for box, prob in ((b, p) for b in order for p in probs):
         info = setup(prob, box)
         for solver in solvers:
             _, seeds, module, _ = SOLVERS[solver]
@@ -418,6 +421,8 @@ def main() -> int:
     ap.add_argument("--no-run", action="store_true", help="only summarise the cache")
     ap.add_argument("--boxes", type=int, default=3,
                     help="asymmetric boxes per problem (the protocol's 3; box 0 is the 1-box run)")
+    ap.add_argument("--only-box", type=int, default=None,
+                    help="run just this box (processes for different boxes can run side by side)")
     ap.add_argument("--report", type=Path, help="write the markdown tables here")
     ap.add_argument("--plot", type=Path, help="write the data-profile PNG here")
     ap.add_argument("--install-peers", action="store_true")
@@ -426,7 +431,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "pip", "install", "dlib-bin", "nlopt"], check=False)
     probs = [p for p in problems() if a.problems is None or p.name in a.problems]
     if not a.no_run:
-        run_all(a.solvers, probs, a.boxes)
+        run_all(a.solvers, probs, a.boxes, a.only_box)
     recs = [
         r
         for r in load(a.boxes)
