@@ -72,6 +72,14 @@ if numba is not None:
             j += 2
         return a0 + a1
 
+    @_njit_inline
+    def _row_dist(X: Any, i: int, y: Any, p: Any, d: int) -> float:
+        # ||X[i] - y|| with the squares summed in einsum's order (p is scratch of length d).
+        for c in range(d):
+            t = X[i, c] - y[c]
+            p[c] = t * t
+        return math.sqrt(_sumsq(p, d))
+
     @_njit
     def rows_sumsq(A: Any) -> Any:
         m, d = A.shape
@@ -183,10 +191,7 @@ if numba is not None:
                 return -math.inf
         best = -math.inf
         for i in cand:
-            for c in range(d):
-                t = X[i, c] - y[c]
-                p[c] = t * t
-            v = Fb[i] - L * math.sqrt(_sumsq(p, d))
+            v = Fb[i] - L * _row_dist(X, i, y, p, d)
             if v > best:
                 best = v
         return best
@@ -226,10 +231,7 @@ if numba is not None:
         for i in cand:
             if not Fb[i] > -math.inf:
                 continue
-            for c in range(d):
-                t = X[i, c] - x[c]
-                p[c] = t * t
-            r = math.sqrt(_sumsq(p, d))
+            r = _row_dist(X, i, x, p, d)
             if r > 0:
                 sl = abs(Fb[i] - f) / r
                 if sl > out:

@@ -238,6 +238,7 @@ if _accel.numba is not None:
     # than most helpers themselves.
     inline = _accel._njit_inline
     _sumsq = _accel._sumsq
+    _row_dist = _accel._row_dist
 
     def _fma_typer(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
         sig = types.float64(types.float64, types.float64, types.float64)
@@ -581,10 +582,7 @@ if _accel.numba is not None:
                 continue
             for q in range(cnt):
                 i = FMEM[v, q]
-                for c in range(d):
-                    t = X[i, c] - y[c]
-                    p[c] = t * t
-                val = Fb[i] - L * math.sqrt(_sumsq(p, d))
+                val = Fb[i] - L * _row_dist(X, i, y, p, d)
                 if val > best:
                     best = val
                     if val > thr:
@@ -623,10 +621,7 @@ if _accel.numba is not None:
                 i = FMEM[v, q]
                 if not Fb[i] > -math.inf:
                     continue
-                for c in range(d):
-                    t = X[i, c] - x[c]
-                    p[c] = t * t
-                r = math.sqrt(_sumsq(p, d))
+                r = _row_dist(X, i, x, p, d)
                 if r > 0:
                     sl = abs(Fb[i] - f) / r
                     if sl > out:
