@@ -80,6 +80,19 @@ if numba is not None:
             p[c] = t * t
         return math.sqrt(_sumsq(p, d))
 
+    @_njit_inline
+    def _raise_slope(X: Any, Fb: Any, i: int, x: Any, f: float, p: Any, d: int, out: float) -> float:
+        # max(out, |f - f_i| / ||x - x_i||) for one sample; a sample without a finite value, or
+        # at x itself, leaves out as it is.
+        if not Fb[i] > -math.inf:
+            return out
+        r = _row_dist(X, i, x, p, d)
+        if r > 0:
+            sl = abs(Fb[i] - f) / r
+            if sl > out:
+                return sl
+        return out
+
     @_njit
     def rows_sumsq(A: Any) -> Any:
         m, d = A.shape
@@ -229,13 +242,7 @@ if numba is not None:
             cand = _gather(members, leaves[:nl])
         out = smax
         for i in cand:
-            if not Fb[i] > -math.inf:
-                continue
-            r = _row_dist(X, i, x, p, d)
-            if r > 0:
-                sl = abs(Fb[i] - f) / r
-                if sl > out:
-                    out = sl
+            out = _raise_slope(X, Fb, i, x, f, p, d, out)
         return out
 
     @_njit

@@ -919,10 +919,15 @@ class _Run:
         x = np.array(x, dtype=np.float64)
         self.nfev += 1
         f, g = self._call(x, want_grad)
-        i = self.S.add(x, f, g, kind)
-        self._update_L()
+        i = self._record(x, f, g, kind)
         if self.f_target is not None and f <= self.f_target:
             raise _Stop(5)
+        return i
+
+    def _record(self, x: FloatArray, f: float, g: FloatArray | None, kind: int) -> int:
+        """Store a new sample and update L from it; returns the sample's index."""
+        i = self.S.add(x, f, g, kind)
+        self._update_L()
         return i
 
     def _call(self, x: FloatArray, want_grad: bool) -> tuple[float, FloatArray | None]:
@@ -1412,21 +1417,14 @@ class _EngineRun(_Run):
             _engine.grow(self.st, _engine.keys_needed(self.st), self.rng)
             self.tup = tuple(self.st)
 
-    def evaluate(self, x: FloatArray, kind: int, want_grad: bool) -> int:
-        if self.nfev >= self.maxfev:
-            raise _Stop(2)
-        x = np.array(x, dtype=np.float64)
-        self.nfev += 1
-        f, g = self._call(x, want_grad)
+    def _record(self, x: FloatArray, f: float, g: FloatArray | None, kind: int) -> int:
+        # The engine's arrays hold the samples (and update L) instead of _Samples.
         self._ensure()
         W = self.st[_engine.W_]
         W[_engine.W_XQ] = x
         if g is not None:
             W[_engine.W_GQ] = g
-        i = int(_engine.add_sample(self.tup, f, g is not None, kind))
-        if self.f_target is not None and f <= self.f_target:
-            raise _Stop(5)
-        return i
+        return int(_engine.add_sample(self.tup, f, g is not None, kind))
 
     def _update_L(self) -> None:  # the engine updates L with every sample
         pass

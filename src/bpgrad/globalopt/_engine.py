@@ -239,6 +239,7 @@ if _accel.numba is not None:
     inline = _accel._njit_inline
     _sumsq = _accel._sumsq
     _row_dist = _accel._row_dist
+    _raise_slope = _accel._raise_slope
 
     def _fma_typer(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
         sig = types.float64(types.float64, types.float64, types.float64)
@@ -618,14 +619,7 @@ if _accel.numba is not None:
                     top += 1
                 continue
             for q in range(cnt):
-                i = FMEM[v, q]
-                if not Fb[i] > -math.inf:
-                    continue
-                r = _row_dist(X, i, x, p, d)
-                if r > 0:
-                    sl = abs(Fb[i] - f) / r
-                    if sl > out:
-                        out = sl
+                out = _raise_slope(X, Fb, FMEM[v, q], x, f, p, d, out)
         return out
 
     # ---- samples ----
@@ -1186,6 +1180,21 @@ if _accel.numba is not None:
         return -1
 
     @inline
+    def _ball_children(st: Any) -> int:
+        """The ball tests of a division's two outer cells, then the placement of all three.
+
+        Returns the event of the first centre that must be evaluated (the division resumes in
+        PH_DIV0 / PH_DIV2 after it), or -1 once the cells are placed."""
+        ev = _ball_child(st, 0, PH_DIV0)
+        if ev >= 0:
+            return ev
+        ev = _ball_child(st, 2, PH_DIV2)
+        if ev >= 0:
+            return ev
+        _place_all(st)
+        return -1
+
+    @inline
     def _want(st: Any) -> int:
         return st[IST_][I_WANT]
 
@@ -1304,13 +1313,9 @@ if _accel.numba is not None:
                 _place_all(st)
                 ist[I_APOS] = 0
         elif ph == PH_PART:
-            ev = _ball_child(st, 0, PH_DIV0)
+            ev = _ball_children(st)
             if ev >= 0:
                 return ev
-            ev = _ball_child(st, 2, PH_DIV2)
-            if ev >= 0:
-                return ev
-            _place_all(st)
             ph = PH_AFTER
             ist[I_APOS] = 0
         if ph == PH_AFTER:
@@ -1384,13 +1389,9 @@ if _accel.numba is not None:
                     ist[I_PHASE] = PH_PART
                     return EV_PART
                 if r == -1:
-                    ev = _ball_child(st, 0, PH_DIV0)
+                    ev = _ball_children(st)
                     if ev >= 0:
                         return ev
-                    ev = _ball_child(st, 2, PH_DIV2)
-                    if ev >= 0:
-                        return ev
-                    _place_all(st)
                     # no new samples: nothing to do after sampling
             ist[I_NIT] += 1
             if ist[I_CALLBACK] == 1:
