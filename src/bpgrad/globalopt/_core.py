@@ -1446,9 +1446,9 @@ class _EngineRun(_Run):
         branch_queue: list[tuple[int, int]] = []
         status = -1
         f, has_g = 0.0, False
-        step, W = E.step, st[E.W_]
+        step = E.step
         self._ensure()  # the first keys
-        W = st[E.W_]
+        W = st[E.W_]  # grow() keeps W, so W and its rows stay valid for the whole run
         # Without jac a centre's evaluation is a plain call of func (what _call does then).
         plain = self.jac is None
         func, args, xq, EV_EVAL = self.func, self.args, W[E.W_XQ], E.EV_EVAL
