@@ -20,7 +20,9 @@ from bpgrad.bench.optimizers import (
 
 PAPER = ["bpgrad", "sgd", "adam", "adagrad", "adadelta", "rmsprop"]
 PEERS = ["prodigy", "dadapt_sgd", "dadapt_adam", "schedulefree_sgd", "schedulefree_adamw", "dog",
-         "alig"]
+         "alig", "momo", "momo_adam", "momsps", "sps_safe"]
+#: the Polyak family added for issue 12: each needs the loss passed to `step`
+POLYAK = ["momo", "momo_adam", "momsps", "sps_safe"]
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -109,6 +111,40 @@ def test_installed_peers_build_and_step(name: str) -> None:
     loss.backward()
     if spec.needs_closure:
         opt.step(lambda: float(loss))
+    elif spec.needs_loss:
+        opt.step(loss=loss.detach())
     else:
         opt.step()
     assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.tensor([1.0, -2.0]))
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "expected"),
+    [
+        ("momo", "Momo", {"lr": 1.0, "weight_decay": 5e-4}),
+        ("momo_adam", "MomoAdam", {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8,
+                                   "weight_decay": 5e-4}),
+        ("momsps", "MomSPS", {"c": 1.0, "gamma_max": 10.0, "beta": 0.9}),
+        ("sps_safe", "SPS_safe", {"ell_star": 0.0, "M": 1.0, "weight_decay": 5e-4}),
+    ],
+)
+def test_polyak_peers_build_at_published_defaults(name: str, cls: str, expected: dict) -> None:
+    spec = get_optimizer_spec(name)
+    module = pytest.importorskip(spec.module)
+    opt = resolve_optimizer(name).build(_params())
+    assert type(opt) is getattr(module, cls)
+    assert spec.needs_loss and not spec.needs_closure and spec.extra == "peers"
+    for key, value in expected.items():
+        assert opt.param_groups[0][key] == value
+
+
+def test_sps_safe_takes_the_safeguarded_polyak_step() -> None:
+    # One step by hand: f = ||p||^2 = 5 at p = (1, -2), g = (2, -4), ||g||^2 = 20 > M = 1, so
+    # gamma = 5 / 20 = 0.25 and, without weight decay, p <- p - 0.25 g = (0.5, -1).
+    pytest.importorskip("sps_safe")
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = resolve_optimizer("sps_safe", {"weight_decay": 0.0}).build([p])
+    loss = (p ** 2).sum()
+    loss.backward()
+    opt.step(loss=loss.detach())
+    torch.testing.assert_close(p.detach(), torch.tensor([0.5, -1.0]))

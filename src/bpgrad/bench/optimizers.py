@@ -329,6 +329,45 @@ def _register_builtin() -> None:
         needs_closure=True, lr_key="max_lr",
         notes="ALI-G has no weight decay (it regularises through a projection); none is applied",
     ))
+    # The Polyak family (issue 12). Each takes the minibatch loss as `step(loss=...)` after the
+    # runner's backward (read from the packages' sources: momo-opt 0.1.0 `step(closure=None,
+    # loss=None)`, momsps 1.0.0 and sps-safe 1.0.0 `step(loss=None)`), so all are `needs_loss`.
+    # Published defaults, except weight decay 5e-4 where the solver has one (the registry's rule).
+    register_optimizer(OptimizerSpec(
+        name="momo",
+        description="MoMo (momo-opt): model-based Polyak step over EMAs, lr cap 1, beta 0.9, lb 0",
+        factory=_import_factory("momo", "Momo"),
+        defaults={"lr": 1.0, "beta": 0.9, "lb": 0.0, "weight_decay": wd,
+                  "bias_correction": False, "use_fstar": False},
+        module="momo", distribution="momo-opt", extra=peer, needs_loss=True,
+        notes="Schaipp et al., ICML 2024; lr caps the adaptive step (recommended 1)",
+    ))
+    register_optimizer(OptimizerSpec(
+        name="momo_adam",
+        description="MoMo-Adam (momo-opt): MoMo step with Adam's preconditioner, lr cap 1e-2",
+        factory=_import_factory("momo", "MomoAdam"),
+        defaults={"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "lb": 0.0,
+                  "weight_decay": wd, "divide": True, "use_fstar": False},
+        module="momo", distribution="momo-opt", extra=peer, needs_loss=True,
+        notes="Schaipp et al., ICML 2024; lr caps the adaptive step (recommended 1e-2)",
+    ))
+    register_optimizer(OptimizerSpec(
+        name="momsps",
+        description="MomSPS (momsps): SPS_max with heavy-ball momentum, c 1, gamma_max 10, beta 0.9",
+        factory=_import_factory("momsps", "MomSPS"),
+        defaults={"c": 1.0, "gamma_max": 10.0, "beta": 0.9},
+        module="momsps", distribution="momsps", extra=peer, needs_loss=True,
+        lr_key="gamma_max",
+        notes="Oikonomou & Loizou; no weight decay in the package, none applied",
+    ))
+    register_optimizer(OptimizerSpec(
+        name="sps_safe",
+        description="SPS_safe (sps-safe): (f - ell*) / max(||g||^2, M), ell* 0, M 1",
+        factory=_import_factory("sps_safe", "SPS_safe"),
+        defaults={"ell_star": 0.0, "M": 1.0, "weight_decay": wd},
+        module="sps_safe", distribution="sps-safe", extra=peer, needs_loss=True, lr_key=None,
+        notes="Oikonomou & Loizou 2026, for convex Lipschitz non-smooth objectives",
+    ))
     register_optimizer(OptimizerSpec(
         name="bpgrad_auto",
         description="BPGrad with lipschitz='auto' (online L estimate), rho=0.1, mu=0.9, wd=5e-4",
