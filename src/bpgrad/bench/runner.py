@@ -265,6 +265,7 @@ def evaluate(
         "loss": values["loss_sum"] / count,
         "accuracy": values["correct"] / count if problem.has_accuracy and "correct" in values
         else None,
+        **problem.split_metrics(values),  # whole-split ratios such as mean IU
     }
 
 
@@ -497,6 +498,8 @@ def run_trial(
         return {
             "valid_loss": v["loss"], "valid_accuracy": v["accuracy"],
             "test_loss": t["loss"], "test_accuracy": t["accuracy"],
+            **{f"valid_{k}": v.get(k) for k in problem.split_metric_names},
+            **{f"test_{k}": t.get(k) for k in problem.split_metric_names},
         }
 
     if not resumed:

@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -98,12 +98,26 @@ class Problem(abc.ABC):
     def make_model(self, seed: int) -> nn.Module:
         """Build the model with weights initialised deterministically from ``seed``."""
 
+    #: names of the whole-split metrics :meth:`split_metrics` returns (reported per evaluated
+    #: split as ``valid_<name>`` and ``test_<name>``)
+    split_metric_names: tuple[str, ...] = ()
+
     def metric_names(self) -> tuple[str, ...]:
         """Names of the metrics the runner should report for this problem."""
-        base = ("train_loss", "valid_loss", "test_loss")
+        base: tuple[str, ...] = ("train_loss", "valid_loss", "test_loss")
         if self.has_accuracy:
-            return (*base, "train_accuracy", "valid_accuracy", "test_accuracy", "test_error")
-        return base
+            base = (*base, "train_accuracy", "valid_accuracy", "test_accuracy", "test_error")
+        extra = tuple(f"{s}_{m}" for s in ("valid", "test") for m in self.split_metric_names)
+        return (*base, *extra)
+
+    def split_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Metrics of a whole split that are not means of per-example values (mean IU is a ratio
+        of sums over the split), computed from the split's summed :meth:`batch_metrics`.
+
+        Keys must be :attr:`split_metric_names`; the default problem has none.
+        """
+        del sums
+        return {}
 
     def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Training-time augmentation of one minibatch (identity unless a problem overrides it).
