@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from bpgrad.bench.results import Trial, load_trials, read_manifest
+from bpgrad.bench.results import (
+    RUN_MANIFEST,
+    SchemaError,
+    Trial,
+    find_trial_files,
+    parse_trial,
+    read_manifest,
+)
+from bpgrad.bench.validation import read_checked
 
 
 @dataclass(frozen=True)
@@ -261,13 +269,30 @@ def select(rows: Sequence[Row]) -> list[Selection]:
     return selections
 
 
+def load_checked(run_dir: Path) -> tuple[list[Trial], dict[str, Any] | None]:
+    """Every trial under ``run_dir`` (unfinished ones too) and ``run.json``, values checked.
+
+    Raises :class:`~bpgrad.bench.results.SchemaError` (a
+    :class:`~bpgrad.bench.validation.RecordError` for out-of-range values), naming the file and
+    line, for anything no run can have written: the report refuses rather than prints it.
+    """
+    run_dir = Path(run_dir)
+    trials = [parse_trial(p, read_checked(p)) for p in find_trial_files(run_dir)]
+    try:
+        manifest = read_manifest(run_dir)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise SchemaError(f"{run_dir / RUN_MANIFEST}: not valid JSON ({exc}); delete it (it only "
+                          "records the command) or rerun `bpgrad compare`") from None
+    return trials, manifest
+
+
 def analyse(run_dir: Path, *, target: float | None = None) -> Analysis:
     """Load every finished or diverged trial under ``run_dir`` and analyse it."""
-    trials = load_trials(Path(run_dir), include_incomplete=True)
-    manifest = read_manifest(Path(run_dir))
+    trials, manifest = load_checked(Path(run_dir))
     rows = summarize(trials, target=target)
     # List optimizers in the order the run named them (when known), sweep variants by label.
-    named = list((manifest or {}).get("config", {}).get("optimizers", []))
+    config = (manifest or {}).get("config")
+    named = [str(n) for n in config.get("optimizers", [])] if isinstance(config, dict) else []
     problems = list(dict.fromkeys(r.problem for r in rows))
     rows.sort(key=lambda r: (problems.index(r.problem),
                              named.index(r.name) if r.name in named else len(named), r.label))
