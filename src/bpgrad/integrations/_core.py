@@ -18,6 +18,7 @@ __all__ = [
     "bpgrad_metrics",
     "find_bpgrad",
     "log_tensorboard",
+    "set_loss",
     "unwrap_bpgrad",
 ]
 
@@ -25,43 +26,132 @@ __all__ = [
 #: minimum of the objective, the loss BPGrad saw, and how many steps it skipped.
 DEFAULT_METRICS: tuple[str, ...] = ("eta", "grad_norm", "running_min", "loss", "skipped_steps")
 
-# Attribute names under which wrappers keep the optimizer they wrap:
-# accelerate.AcceleratedOptimizer.optimizer, lightning's LightningOptimizer._optimizer.
-_WRAPPED_ATTRS = ("optimizer", "_optimizer")
+# Attribute names under which wrappers keep the optimizer they wrap, tried in this order:
+# accelerate.AcceleratedOptimizer.optimizer and pytorch_optimizer.Lookahead.optimizer;
+# Lightning's LightningOptimizer._optimizer and Fabric's _FabricOptimizer._optimizer;
+# torch.distributed.optim.ZeroRedundancyOptimizer.optim; SAM-style .base_optimizer and timm's
+# Lookahead._base_optimizer.
+_WRAPPED_ATTRS = ("optimizer", "_optimizer", "optim", "base_optimizer", "_base_optimizer")
+
+
+def _looks_like_optimizer(obj: Any) -> bool:
+    # A class (ZeRO keeps its optimizer_class too) or a plain value is not something to follow.
+    return obj is not None and not isinstance(obj, type) and callable(getattr(obj, "step", None))
+
+
+def _unwrap_chain(optimizer: Any) -> list[Any]:
+    """``optimizer``, the object it wraps, the object that one wraps, ... (innermost last)."""
+    chain: list[Any] = []
+    seen: set[int] = set()
+    current = optimizer
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        # Look at the instance's own attributes, not isinstance: LightningOptimizer and Fabric's
+        # wrapper subclass the wrapped optimizer's class (so they pass an isinstance check) but
+        # are not the optimizer that keeps the state.
+        attrs = vars(current) if hasattr(current, "__dict__") else {}
+        current = next((attrs[a] for a in _WRAPPED_ATTRS if _looks_like_optimizer(attrs.get(a))),
+                       None)
+    return chain
 
 
 def find_bpgrad(optimizer: Any) -> BPGrad | None:
     """Return the :class:`~bpgrad.BPGrad` that ``optimizer`` is or wraps, else ``None``.
 
-    Follows the wrappers of Accelerate (``AcceleratedOptimizer``), Lightning
-    (``LightningOptimizer``) and the HF Trainer (which holds an ``AcceleratedOptimizer``).
+    Follows the wrappers of Accelerate (``AcceleratedOptimizer``, also inside the HF Trainer),
+    Lightning (``LightningOptimizer``), Lightning Fabric (``setup``'s optimizer),
+    ``torch.distributed.optim.ZeroRedundancyOptimizer`` (its ``optim``) and Lookahead- or
+    SAM-style wrappers that keep the optimizer in ``.optimizer``, ``.base_optimizer`` or
+    ``._base_optimizer``; any depth of nesting.
     """
-    seen: set[int] = set()
-    current = optimizer
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        # Unwrap first: LightningOptimizer subclasses the optimizer's class (so it passes an
-        # isinstance check) but holds copies of its attributes, not the optimizer itself.
-        attrs = vars(current) if hasattr(current, "__dict__") else {}
-        inner = next((attrs[a] for a in _WRAPPED_ATTRS if attrs.get(a) is not None), None)
-        if inner is not None:
-            current = inner
-        elif isinstance(current, BPGrad):
-            return current
-        else:
-            return None
-    return None
+    innermost = _unwrap_chain(optimizer)[-1]
+    return innermost if isinstance(innermost, BPGrad) else None
+
+
+def _check_supported(chain: list[Any]) -> None:
+    for wrapper in chain:
+        if type(wrapper).__name__ == "ZeroRedundancyOptimizer":
+            world = int(getattr(wrapper, "world_size", 1))
+            if world > 1:
+                raise NotImplementedError(
+                    f"BPGrad inside a ZeroRedundancyOptimizer over {world} ranks is not "
+                    f"supported: each rank's BPGrad holds a shard of the parameters and would "
+                    f"normalise that shard by its own gradient norm instead of the full "
+                    f"gradient's, so the steps would silently differ from BPGrad's. Use "
+                    f"BPGrad directly under DDP, or FSDP2's fully_shard (BPGrad reduces the "
+                    f"norm of sharded DTensor gradients). A single-rank ZeroRedundancyOptimizer "
+                    f"is fine."
+                )
 
 
 def unwrap_bpgrad(optimizer: Any) -> BPGrad:
-    """Like :func:`find_bpgrad` but raise ``TypeError`` when there is no BPGrad inside."""
-    found = find_bpgrad(optimizer)
-    if found is None:
+    """Like :func:`find_bpgrad` but raise ``TypeError`` when there is no BPGrad inside.
+
+    Raises:
+        TypeError: nothing in the chain of wrappers is a BPGrad.
+        NotImplementedError: a ``ZeroRedundancyOptimizer`` over more than one rank (BPGrad
+            would see only its shard's gradient norm).
+    """
+    chain = _unwrap_chain(optimizer)
+    if not isinstance(chain[-1], BPGrad):
+        path = " -> ".join(type(obj).__name__ for obj in chain)
         raise TypeError(
-            f"expected a bpgrad.BPGrad or a wrapper around one (AcceleratedOptimizer, "
-            f"LightningOptimizer), got {type(optimizer).__name__}"
+            f"expected a bpgrad.BPGrad or a wrapper around one, found no BPGrad in {path}. "
+            f"Wrappers are followed through their .optimizer, ._optimizer, .optim, "
+            f".base_optimizer and ._base_optimizer attributes (Accelerate, HF Trainer, "
+            f"Lightning, Fabric, ZeroRedundancyOptimizer, Lookahead); pass the optimizer your "
+            f"trainer steps, built as bpgrad.BPGrad(...)."
         )
-    return found
+    _check_supported(chain)
+    return chain[-1]
+
+
+def set_loss(optimizer: Any, loss: torch.Tensor | float) -> None:
+    """Give the loss of the coming step to the BPGrad that ``optimizer`` is or wraps.
+
+    :meth:`BPGrad.set_loss` for optimizers you only hold through a wrapper: Accelerate's
+    ``AcceleratedOptimizer`` (and so the HF Trainer's ``trainer.optimizer``), Lightning's
+    ``LightningOptimizer`` (``self.optimizers()``), Fabric's ``fabric.setup`` result,
+    ``torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=BPGrad)`` and Lookahead- or
+    SAM-style wrappers. Those wrappers' ``step`` takes no ``loss=`` and they have no
+    ``set_loss`` of their own; after this call their bare ``step()`` reaches BPGrad with the loss.
+
+    Pass the loss exactly as it went into ``backward`` but unscaled (not multiplied by an AMP
+    ``GradScaler``). With gradient accumulation use a :class:`LossHook` instead, which sums the
+    micro-batch losses of the step.
+
+    Example::
+
+        fabric_opt.zero_grad()
+        loss = criterion(model(x), y)
+        fabric.backward(loss)
+        bpgrad.set_loss(fabric_opt, loss)
+        fabric_opt.step()
+
+    Raises:
+        TypeError: there is no BPGrad inside ``optimizer``.
+        NotImplementedError: ``optimizer`` is a ``ZeroRedundancyOptimizer`` over several ranks.
+    """
+    unwrap_bpgrad(optimizer).set_loss(loss)
+
+
+def _clipping_effects(optimizer: BPGrad) -> list[str]:
+    """Why clipping the gradient's norm changes this BPGrad's step (empty: it does not).
+
+    BPGrad moves along ``(g + wd * p) / (||g|| + eps)``: scaling ``g`` by a clipping factor
+    cancels out unless weight decay or ``eps`` is non-zero, or the Lipschitz estimate (the
+    running maximum of ``||g||`` under ``lipschitz="auto"``) sees the clipped norm.
+    """
+    reasons = []
+    groups = optimizer.param_groups
+    if any(isinstance(g["lipschitz"], str) for g in groups):
+        reasons.append('lipschitz="auto" estimates L from the clipped gradient norm')
+    if any(float(g.get("weight_decay", 0.0)) > 0 for g in groups):
+        reasons.append("weight_decay > 0: the decay term is divided by the clipped norm")
+    if any(float(g.get("eps", 0.0)) > 0 for g in groups):
+        reasons.append("eps > 0 is added to the clipped norm")
+    return reasons
 
 
 class LossHook:
@@ -131,6 +221,24 @@ class LossHook:
             value = value * weight
         self._total = value if self._total is None else self._total + value.to(self._total)
         self._count += 1
+
+    def wrap_loss_fn(
+        self, loss_fn: Callable[..., torch.Tensor], weight: float | torch.Tensor = 1.0,
+    ) -> Callable[..., torch.Tensor]:
+        """``loss_fn`` that also :meth:`add`\\ s ``weight * loss`` for each loss it returns.
+
+        For trainers that take a loss function and run ``backward`` themselves (Ignite's
+        ``create_supervised_trainer``): ``weight`` is what the trainer multiplies the loss by
+        before ``backward`` (``1 / gradient_accumulation_steps`` there). The returned loss is
+        ``loss_fn``'s, untouched.
+        """
+
+        def loss_fn_feeding_bpgrad(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = loss_fn(*args, **kwargs)
+            self.add(loss, weight)
+            return loss
+
+        return loss_fn_feeding_bpgrad
 
     @property
     def pending(self) -> torch.Tensor | None:

@@ -20,6 +20,13 @@ overrides ``log`` so that ``bpgrad/eta``, ``bpgrad/grad_norm``, ``bpgrad/running
 added to every training log *before* the reporting integrations (TensorBoard, W&B, ...) see it.
 Both are no-ops when the optimizer is not a BPGrad.
 
+Two Trainer defaults change BPGrad's step, and the mixin warns once (a ``UserWarning`` naming the
+setting to use) when the Trainer applies them to a BPGrad: the learning-rate schedule it builds
+from ``lr_scheduler_type`` (default ``"linear"``, which anneals BPGrad's step to 0; use
+``"constant"``, or pass your own scheduler in ``optimizers=(opt, scheduler)``), and gradient
+clipping at ``max_grad_norm`` (default 1.0) when it matters to BPGrad (weight decay,
+``lipschitz="auto"`` or ``eps > 0``; use ``max_grad_norm=0``).
+
 Already subclassing ``Trainer`` (or TRL's ``SFTTrainer``)? Put the mixin first:
 ``class MyTrainer(BPGradTrainerMixin, SFTTrainer): ...``.
 
@@ -28,13 +35,20 @@ Importing this module imports ``transformers``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import transformers
 
-from bpgrad.integrations._core import DEFAULT_METRICS, LossHook, bpgrad_metrics, find_bpgrad
+from bpgrad.integrations._core import (
+    DEFAULT_METRICS,
+    LossHook,
+    _clipping_effects,
+    bpgrad_metrics,
+    find_bpgrad,
+)
 
 __all__ = ["BPGradTrainer", "BPGradTrainerMixin"]
 
@@ -51,6 +65,7 @@ class BPGradTrainerMixin:
     bpgrad_keys: Iterable[str] = DEFAULT_METRICS
 
     _bpgrad_hook: LossHook | None = None
+    _bpgrad_warned: frozenset[str] = frozenset()
 
     @property
     def bpgrad_hook(self) -> LossHook | None:
@@ -71,6 +86,49 @@ class BPGradTrainerMixin:
         if hook is not None:
             hook.add(loss)
         return loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        built = getattr(self, "lr_scheduler", None) is None  # else: the user's own scheduler
+        scheduler = super().create_scheduler(  # type: ignore[misc]
+            num_training_steps=num_training_steps, optimizer=optimizer)
+        target = optimizer if optimizer is not None else getattr(self, "optimizer", None)
+        found = find_bpgrad(target)
+        if found is not None:
+            self._bpgrad_check_arguments(found, built_scheduler=built,
+                                         num_training_steps=num_training_steps)
+        return scheduler
+
+    def _bpgrad_check_arguments(self, bpgrad: Any, *, built_scheduler: bool,
+                                num_training_steps: int) -> None:
+        # Runs once per train() (where the Trainer builds its scheduler); warns once per Trainer.
+        args = self.args  # type: ignore[attr-defined]
+        kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        warmup = int(args.get_warmup_steps(num_training_steps))
+        constant = kind == "constant" or (kind == "constant_with_warmup" and warmup == 0)
+        if built_scheduler and not constant:
+            self._bpgrad_warn(
+                "schedule",
+                f"BPGradTrainer: the Trainer built a {kind!r} learning-rate schedule "
+                f"(TrainingArguments.lr_scheduler_type, warmup {warmup} steps) on BPGrad; it "
+                f"multiplies BPGrad's step size (BPGrad's lr), e.g. 'linear' anneals it to 0 over "
+                f"training. For plain BPGrad set TrainingArguments(lr_scheduler_type=\"constant\"); "
+                f"to keep a schedule on purpose, pass it as optimizers=(opt, scheduler).",
+            )
+        max_norm = args.max_grad_norm
+        reasons = _clipping_effects(bpgrad)
+        if max_norm is not None and max_norm > 0 and reasons:
+            self._bpgrad_warn(
+                "clipping",
+                f"BPGradTrainer: TrainingArguments.max_grad_norm={max_norm} clips the gradient "
+                f"before BPGrad's step. BPGrad normalises the gradient itself, so clipping is "
+                f"redundant, but here it changes BPGrad's step: {'; '.join(reasons)}. Set "
+                f"TrainingArguments(max_grad_norm=0.0).",
+            )
+
+    def _bpgrad_warn(self, key: str, message: str) -> None:
+        if key not in self._bpgrad_warned:
+            self._bpgrad_warned = self._bpgrad_warned | {key}
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.bpgrad_log and "loss" in logs:  # a training log, not an evaluation's
