@@ -6,6 +6,7 @@ No network: the models are built from code / configs, never downloaded.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,66 @@ def test_trainer_builds_bpgrad_from_optimizer_cls_and_kwargs(tmp_path: Path) -> 
     # same losses (the decay groups differ from the reference, so compare the first step only)
     first = next(row for row in trainer.state.log_history if "bpgrad/loss" in row)
     assert first["bpgrad/loss"] == pytest.approx(ref.losses[0], rel=1e-6)
+
+
+def bpgrad_warnings(trainer: BPGradTrainer, runs: int = 1) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(runs):
+            trainer.train()
+    return [str(w.message) for w in caught if str(w.message).startswith("BPGradTrainer")]
+
+
+def test_trainer_warns_once_when_its_defaults_change_bpgrads_step(tmp_path: Path) -> None:
+    # The Trainer's defaults: a linear schedule to 0 and max_grad_norm=1.0; with weight decay
+    # the clipping changes BPGrad's direction. One warning each, naming the setting to use,
+    # also over two train() calls.
+    model = Net()
+    opt = BPGrad(model.parameters(), **OPT_KWARGS)
+    trainer = BPGradTrainer(model=model, train_dataset=Rows(), optimizers=(opt, None),
+                            args=args(tmp_path, max_steps=2, max_grad_norm=1.0,
+                                      lr_scheduler_type="linear"))
+    messages = bpgrad_warnings(trainer, runs=2)
+    assert len(messages) == 2, messages
+    schedule, clipping = sorted(messages, key=lambda m: "max_grad_norm=1.0" in m)
+    assert "'linear'" in schedule and 'lr_scheduler_type="constant"' in schedule
+    assert "optimizers=(opt, scheduler)" in schedule
+    assert "weight_decay > 0" in clipping and "max_grad_norm=0.0" in clipping
+    assert opt.param_groups[0]["lr"] < 1.0  # the schedule did change BPGrad's step
+
+
+def test_trainer_warns_about_warmup_and_auto_lipschitz_clipping(tmp_path: Path) -> None:
+    model = Net()
+    opt = BPGrad(model.parameters(), lipschitz="auto")  # no weight decay
+    trainer = BPGradTrainer(model=model, train_dataset=Rows(), optimizers=(opt, None),
+                            args=args(tmp_path, max_steps=2, max_grad_norm=1.0,
+                                      lr_scheduler_type="constant_with_warmup", warmup_steps=1))
+    messages = bpgrad_warnings(trainer)
+    assert any("'constant_with_warmup'" in m and "warmup 1 steps" in m for m in messages)
+    assert any('lipschitz="auto"' in m for m in messages)
+
+
+def test_trainer_is_silent_when_bpgrads_step_is_unchanged(tmp_path: Path) -> None:
+    # Constant schedule, or the user's own scheduler, and clipping that cancels out (no weight
+    # decay, fixed L, eps=0): no warning, and clipping indeed leaves the training unchanged.
+    def run(out: Path, **kwargs: Any) -> tuple[Net, list[str], BPGradTrainer]:
+        model = Net()
+        opt = BPGrad(model.parameters(), lipschitz=20.0, rho=0.1, momentum=0.9)
+        sched = kwargs.pop("scheduler", None)
+        trainer = BPGradTrainer(model=model, train_dataset=Rows(),
+                                optimizers=(opt, sched(opt) if sched else None),
+                                args=args(out, max_steps=4, **kwargs))
+        return model, bpgrad_warnings(trainer), trainer
+
+    clipped, messages, trainer = run(tmp_path / "a", max_grad_norm=0.5,
+                                     lr_scheduler_type="constant")
+    assert messages == []
+    # the Trainer logs the norm before clipping: it did clip
+    assert max(row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row) > 0.5
+    unclipped, messages, _ = run(tmp_path / "b", max_grad_norm=0.0, lr_scheduler_type="constant")
+    assert messages == []
+    for p, q in zip(clipped.parameters(), unclipped.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    _, messages, _ = run(tmp_path / "c", max_grad_norm=0.0, lr_scheduler_type="linear",
+                      scheduler=step_lr)  # the user's own scheduler is deliberate
+    assert messages == []
