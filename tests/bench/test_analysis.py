@@ -79,3 +79,33 @@ def test_text_table_lists_every_selected_row(an) -> None:
     assert "85.00 ± 7.07" in text  # alpha, in percent
     assert "beta@lr=0.01 (selected)" in text
     assert "chosen on the validation split" in text
+
+
+def test_curves_align_seeds_by_x_not_position(an) -> None:
+    # gamma's seed 1 diverged after epoch 1: epoch 2 is seed 0's value alone, not dropped.
+    errors = {c.label: c for c in epoch_curves(an.trials, "test_error")}
+    assert errors["gamma"].x == [0.0, 1.0, 2.0]
+    assert errors["gamma"].mean == pytest.approx([0.9, 0.6, 0.4])
+
+
+def test_evaluations_inside_epochs_give_a_curve_over_steps(an) -> None:
+    # Two evaluations per epoch (as with an evaluation interval): epochs repeat, so the axis is
+    # the step, and every evaluation is a point of the curve.
+    import copy
+
+    from bpgrad.bench.analysis import evaluation_axis
+
+    (trial,) = [t for t in an.trials if t.label == "delta"]
+    assert evaluation_axis([trial]) == "epoch"
+    dense = copy.deepcopy(trial)
+    dense.epochs = [{**e, "epoch": e["epoch"], "step": 3 * e["epoch"]} for e in trial.epochs]
+    dense.epochs[1:1] = [{"kind": "epoch", "epoch": 1, "step": 1, "test_accuracy": 0.5,
+                          "test_loss": 0.5, "wall_time": 2.0}]
+    if hasattr(dense, "evals"):
+        dense.evals = []
+    assert evaluation_axis([dense]) == "step"
+    (curve,) = epoch_curves([dense], "test_error", x="step")
+    assert curve.x == [0.0, 1.0, 3.0, 6.0]
+    assert curve.mean == pytest.approx([0.9, 0.5, 0.12, 0.11])
+    with pytest.raises(ValueError, match="x must be"):
+        epoch_curves([dense], "test_error", x="time")

@@ -306,19 +306,27 @@ def analyse(run_dir: Path, *, target: float | None = None) -> Analysis:
 
 def _band(label: str, xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float | None]]
           ) -> Curve | None:
-    n = min((len(y) for y in ys), default=0)
-    if n == 0:
+    """Mean and std over seeds, point by point, on the union of the seeds' x values.
+
+    Seeds are aligned by x, not by position: a seed that stopped early (diverged) or evaluated
+    at other steps contributes where it has values and nowhere else.
+    """
+    grid = np.unique(np.concatenate([np.asarray(x, dtype=np.float64) for x in xs])) if xs \
+        else np.empty(0)
+    if grid.size == 0:
         return None
-    arr = np.array([[np.nan if v is None else float(v) for v in y[:n]] for y in ys],
-                   dtype=np.float64)
+    arr = np.full((len(ys), grid.size), np.nan, dtype=np.float64)
+    for row, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        n = min(len(x), len(y))
+        cols = np.searchsorted(grid, np.asarray(x[:n], dtype=np.float64))
+        arr[row, cols] = [np.nan if v is None else float(v) for v in y[:n]]
     with np.errstate(all="ignore"), warnings.catch_warnings():
         # Points where every seed is missing (a diverged run) give NaN, on purpose.
         warnings.simplefilter("ignore", RuntimeWarning)
         # nanmean: a seed's missing value at one point does not erase the others
         mean = np.nanmean(arr, axis=0) if arr.shape[0] > 1 else arr[0]
-        std = np.nanstd(arr, axis=0, ddof=1) if arr.shape[0] > 1 else np.zeros(n)
-    return Curve(label, [float(v) for v in xs[0][:n]], mean.tolist(),
-                 np.nan_to_num(std).tolist(), len(ys))
+        std = np.nanstd(arr, axis=0, ddof=1) if arr.shape[0] > 1 else np.zeros(grid.size)
+    return Curve(label, grid.tolist(), mean.tolist(), np.nan_to_num(std).tolist(), len(ys))
 
 
 def _by_label(trials: Iterable[Trial], labels: Sequence[str] | None) -> dict[str, list[Trial]]:
@@ -340,19 +348,45 @@ def loss_curves(trials: Iterable[Trial], *, labels: Sequence[str] | None = None)
     return curves
 
 
-def epoch_curves(trials: Iterable[Trial], key: str, *, labels: Sequence[str] | None = None
-                 ) -> list[Curve]:
-    """An epoch metric (``test_error`` = 1 - test accuracy, or any epoch-record key)."""
+def evaluations(trial: Trial) -> list[dict[str, Any]]:
+    """A trial's evaluation records in step order: epoch ends and any evaluations inside epochs.
+
+    Reads however many evaluations a file holds (schema 1: one per epoch; schema 2 adds ``eval``
+    records every ``eval_interval`` steps).
+    """
+    found = getattr(trial, "evaluations", None)
+    return list(found) if found is not None else list(trial.epochs)
+
+
+def evaluation_axis(trials: Iterable[Trial]) -> str:
+    """``"epoch"`` when every evaluation ends an epoch, else ``"step"`` (epochs would repeat)."""
+    for t in trials:
+        epochs = [e["epoch"] for e in evaluations(t)]
+        if len(set(epochs)) != len(epochs):
+            return "step"
+    return "epoch"
+
+
+def epoch_curves(trials: Iterable[Trial], key: str, *, labels: Sequence[str] | None = None,
+                 x: str = "epoch") -> list[Curve]:
+    """An evaluation metric (``test_error`` = 1 - test accuracy, or any record key).
+
+    ``x`` is ``"epoch"`` or ``"step"``; every evaluation record counts (see :func:`evaluations`),
+    so with an evaluation interval the curve has a point every interval, not only per epoch.
+    """
+    if x not in ("epoch", "step"):
+        raise ValueError(f"x must be 'epoch' or 'step', got {x!r}")
     curves = []
     for label, group in _by_label(trials, labels).items():
         xs, ys = [], []
         for t in group:
-            xs.append([float(e["epoch"]) for e in t.epochs])
+            recs = [e for e in evaluations(t) if key == "test_error" or key in e]
+            xs.append([float(e[x]) for e in recs])
             if key == "test_error":
                 ys.append([None if e.get("test_accuracy") is None else 1.0 - e["test_accuracy"]
-                           for e in t.epochs])
+                           for e in recs])
             else:
-                ys.append([e.get(key) for e in t.epochs])
+                ys.append([e.get(key) for e in recs])
         curve = _band(label, xs, ys)
         if curve is not None and any(math.isfinite(v) for v in curve.mean):
             curves.append(curve)

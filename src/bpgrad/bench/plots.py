@@ -75,11 +75,13 @@ def train_loss_figure(curves: Sequence[Curve], *, title: str = "training loss",
 
 
 def test_error_figure(curves: Sequence[Curve], *, title: str = "test error",
-                      ylabel: str = "test error (1 - accuracy)") -> Figure:
-    """Test error (or test loss) against epoch, band = ± std over seeds; epoch 0 is the init."""
-    fig, ax = _figure(title, "epoch", ylabel)
+                      ylabel: str = "test error (1 - accuracy)", xlabel: str = "epoch") -> Figure:
+    """Test error (or test loss) per evaluation, band = ± std over seeds; epoch/step 0 is the
+    init. ``xlabel`` ``"step"`` for evaluations inside epochs (markers only while sparse)."""
+    fig, ax = _figure(title, xlabel, ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _draw(ax, curves, marker="o")
+    longest = max((len(c.x) for c in curves), default=0)
+    _draw(ax, curves, marker="o" if longest <= 40 else "")
     if curves:
         ax.legend(fontsize="small")
     return fig

@@ -7,7 +7,8 @@ test accuracy of 1.5 would be printed as 150 %. Every problem is reported as one
 ``PATH:LINE: what is wrong; what to do`` through :class:`RecordError`, a
 :class:`~bpgrad.bench.results.SchemaError`, so the command line turns it into exit status 2.
 
-The rules, per field name wherever it occurs (``epoch`` records, a summary's ``final``):
+The rules, per field name wherever it occurs (``epoch`` and ``eval`` records, a summary's
+``final``):
 
 =====================================================  ==========================================
 field                                                  allowed
@@ -34,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bpgrad.bench import results
 from bpgrad.bench.results import (
     _REQUIRED,
     RECORD_KINDS,
@@ -41,6 +43,9 @@ from bpgrad.bench.results import (
     STATUSES,
     SchemaError,
 )
+
+#: schema versions the reader accepts (older files stay readable when the schema grows)
+_READABLE: tuple[int, ...] = tuple(getattr(results, "READABLE_VERSIONS", (SCHEMA_VERSION,)))
 
 _ADVICE = "fix or delete the file (`bpgrad compare` reruns a missing trial)"
 
@@ -122,11 +127,11 @@ class _FileChecker:
 
     def config(self, rec: Mapping[str, Any]) -> None:
         version = rec.get("schema_version")
-        if not _is_int(version) or version != SCHEMA_VERSION:
+        if not _is_int(version) or version not in _READABLE:
             raise RecordError(
                 f"{self.path}:{self.line}: schema_version {json.dumps(version)} is not one this "
-                f"bpgrad reads ({SCHEMA_VERSION}); report it with the bpgrad version that wrote "
-                "it, or rerun the trial"
+                f"bpgrad reads ({', '.join(map(str, _READABLE))}); report it with the bpgrad "
+                "version that wrote it, or rerun the trial"
             )
         for key in ("problem", "optimizer", "budget", "environment"):
             if not isinstance(rec.get(key), dict):
@@ -194,9 +199,10 @@ class _FileChecker:
             self.config(rec)
         elif kind == "steps":
             self.steps(rec)
-        elif kind == "epoch":
-            # Evaluations are written in the order they ran. (Where they stand relative to the
-            # steps records is the runner's business: the step log is flushed in batches.)
+        elif kind in ("epoch", "eval"):
+            # Evaluations (at epoch ends and, with an evaluation interval, inside epochs) are
+            # written in the order they ran. Where they stand relative to the steps records is
+            # the runner's business: the step log is flushed in batches.
             if rec["step"] < self.last_eval_step:
                 raise self.fail(f"evaluation at step {rec['step']} follows one at step "
                                 f"{self.last_eval_step}; evaluations must not go back in time")
