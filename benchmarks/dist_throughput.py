@@ -39,11 +39,14 @@ from typing import Any
 import torch
 from torch import nn
 
-import bpgrad.bench.testing  # noqa: F401  (registers toy_blobs)
 from bpgrad.bench.distributed import DistContext, init_from_env
 from bpgrad.bench.optimizers import resolve_optimizer
 from bpgrad.bench.problems.base import Problem, get_problem
 from bpgrad.bench.runner import epoch_order, seed_everything
+
+# toy_blobs, the tests' synthetic problem, lives in tests/bench (not in the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "bench"))
+import toy_problem  # noqa: F401  (registers toy_blobs)
 
 
 def _sync(device: torch.device) -> None:

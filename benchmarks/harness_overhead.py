@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import bpgrad.bench.testing  # noqa: F401  (registers toy_blobs)
 from bpgrad.bench.optimizers import ResolvedOptimizer, resolve_optimizer
 from bpgrad.bench.problems.base import Problem, Splits, get_problem
 from bpgrad.bench.runner import (
@@ -33,6 +33,10 @@ from bpgrad.bench.runner import (
     run_trial,
     seed_everything,
 )
+
+# toy_blobs, the tests' synthetic problem, lives in tests/bench (not in the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "bench"))
+import toy_problem  # noqa: F401  (registers toy_blobs)
 
 
 def bare_loop(problem: Problem, splits: Splits, opt_spec: ResolvedOptimizer, seed: int,

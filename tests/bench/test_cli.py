@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import toy_problem  # noqa: F401  (registers toy_blobs in this process)
 
 from bpgrad.bench.results import find_trial_files, parse_trial
 from bpgrad.cli import main
@@ -104,10 +108,23 @@ def test_missing_peer_package_names_the_extra(tmp_path: Path, capsys, monkeypatc
     assert "pip install 'bpgrad[peers]'" in capsys.readouterr().err
 
 
-def test_list_shows_problems_and_optimizers(capsys) -> None:
-    assert main(["compare", "--list"]) == 0
-    printed = capsys.readouterr().out
-    assert "toy_blobs" in printed and "bpgrad" in printed and "rmsprop" in printed
+def test_list_shows_problems_and_optimizers_but_not_the_test_problem() -> None:
+    # A fresh process: the toy problem of the tests is neither shipped nor listed, unless a
+    # module that registers it is imported with --import.
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here)}
+
+    def listing(*extra: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "bpgrad", "compare", "--list", *extra],
+                             capture_output=True, text=True, env=env, timeout=60, check=True)
+        return res.stdout
+
+    printed = listing()
+    assert "mnist_lenet" in printed and "bpgrad" in printed and "rmsprop" in printed
+    assert "toy_blobs" not in printed
+    assert "toy_blobs" in listing("--import", "toy_problem")
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("bpgrad.bench.testing")
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import toy_problem  # noqa: F401  (registers toy_blobs)
 
 from bpgrad.bench import distributed as bdist
 from bpgrad.cli import main

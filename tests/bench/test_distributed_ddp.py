@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from toy_problem import ToyBlobs
 
 from bpgrad.bench.distributed import DistContext
 from bpgrad.bench.optimizers import resolve_optimizer
 from bpgrad.bench.problems.base import Problem, Split, Splits
 from bpgrad.bench.results import read_records
-from bpgrad.bench.runner import Budget, RunOptions, run_trial
-from bpgrad.bench.testing import ToyBlobs
+from bpgrad.bench.runner import Budget, RunOptions, TrialHooks, run_trial
 
 STEPS = 5
 PER_RANK = 6
@@ -213,7 +213,7 @@ def _resume_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
         try:
             run_trial(problem, opt, 1, budget, out=Path(out_dir) / "resumed", options=opts,
-                      dist=ctx, on_epoch_end=stop)
+                      dist=ctx, hooks=TrialHooks(on_epoch_end=stop))
         except _Stop:
             pass
         outcome = run_trial(problem, opt, 1, budget, out=Path(out_dir) / "resumed",

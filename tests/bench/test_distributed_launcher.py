@@ -1,7 +1,8 @@
 """``bpgrad compare`` on 2 local Gloo processes: the launcher path, torchrun, faults, timeouts.
 
 Each command runs in a subprocess (torch's elastic launcher and 2 ranks), on the synthetic
-problem, 1 torch thread per rank.
+problem (``--import toy_problem``, this folder on PYTHONPATH), 1 torch thread per rank. Faults
+come from ``fault_entry.py``, which passes a fault hook into ``cmd_compare``.
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bpgrad.bench.cli import _argv_from_args
+from bpgrad.bench.config import config_from_args
 from bpgrad.bench.distributed import launcher_args
 from bpgrad.bench.results import find_trial_files, read_records
 from bpgrad.cli import build_parser
 
-SMALL = ["--problem", "toy_blobs", "--epochs", "2", "--quiet", "--threads", "1"]
+HERE = Path(__file__).resolve().parent
+SMALL = ["--problem", "toy_blobs", "--epochs", "2", "--quiet", "--threads", "1",
+         "--import", "toy_problem"]
+FAULT = [str(HERE / "fault_entry.py")]
 VOLATILE = {"start_time", "end_time", "wall_time", "train_time"}
 
 
 def _run(args: list[str], *, env: dict[str, str] | None = None,
          timeout: float = 55) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    path = os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
@@ -44,23 +49,23 @@ def _results(out: Path) -> dict[str, list[Any]]:
     return {p.relative_to(out).as_posix(): _stable(read_records(p)) for p in find_trial_files(out)}
 
 
-def test_argv_round_trip_and_launcher_arguments() -> None:
+def test_rank_argv_round_trip_and_launcher_arguments() -> None:
     parser = build_parser()
     argv = ["compare", "--problem", "toy_blobs", "--optimizers", "bpgrad,adam", "--seeds", "0,3",
             "--set", "adam.lr=3e-4", "--set", "weight_decay=0", "--sweep", "lipschitz=10,50",
             "--quiet", "--no-report", "--nproc-per-node", "2", "--dist-timeout", "9",
             "--out", "runs/x"]
-    args = parser.parse_args(argv)
-    again = _argv_from_args(args.compare_parser, args, drop={"nproc_per_node"})
+    cfg = config_from_args(parser.parse_args(argv))
+    again = cfg.to_argv(drop=("nproc_per_node",))
     assert "--nproc-per-node" not in again
-    reparsed = parser.parse_args(["compare", *again])
-    for key, value in vars(args).items():
-        if key not in ("nproc_per_node", "compare_parser", "func"):
-            assert getattr(reparsed, key) == value, key
-    assert reparsed.nproc_per_node is None
+    ranks = config_from_args(parser.parse_args(["compare", *again]))
+    assert ranks.nproc_per_node is None and ranks.dist_timeout == 9.0
+    ranks.nproc_per_node = cfg.nproc_per_node
+    assert ranks == cfg
     assert launcher_args(2, ["compare", "--quiet"]) == [
         "--standalone", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "0",
         "--module", "bpgrad", "compare", "--quiet"]
+    assert launcher_args(2, ["compare"], entry=["t.py", "1"])[-3:] == ["t.py", "1", "compare"]
 
 
 def test_nproc_per_node_writes_what_the_torchrun_command_writes(tmp_path: Path) -> None:
@@ -87,14 +92,12 @@ def test_nproc_per_node_writes_what_the_torchrun_command_writes(tmp_path: Path) 
 
 def test_a_failing_rank_stops_the_run_and_a_rerun_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = ["-m", "bpgrad", "compare", *SMALL, "--optimizers", "sgd,adam", "--out", str(out),
+    cmd = ["compare", *SMALL, "--optimizers", "sgd,adam", "--out", str(out),
            "--nproc-per-node", "2", "--dist-timeout", "30"]
     # Rank 1 raises at step 9 of the second trial (adam): 6 steps per epoch, so mid epoch 2,
     # after the sgd trial finished and adam's epoch-1 checkpoint was written.
-    fault = {"BPGRAD_TEST_FAIL_RANK": "1", "BPGRAD_TEST_FAIL_STEP": "9",
-             "BPGRAD_TEST_FAIL_LABEL": "adam"}
     t0 = time.monotonic()
-    failed = _run(cmd, env=fault, timeout=60)
+    failed = _run([*FAULT, "1", "9", "adam", "raise", *cmd], timeout=60)
     assert time.monotonic() - t0 < 60
     assert failed.returncode != 0
     assert "rank 1 of 2 failed: RuntimeError: test fault hook" in failed.stderr
@@ -106,7 +109,7 @@ def test_a_failing_rank_stops_the_run_and_a_rerun_resumes(tmp_path: Path) -> Non
     assert adam[-1]["kind"] != "summary"
     assert (out / "toy_blobs" / "adam" / "seed_0.ckpt.pt").exists()
 
-    rerun = _run(cmd, timeout=60)
+    rerun = _run(["-m", "bpgrad", *cmd], timeout=60)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_records(out / "toy_blobs" / "sgd" / "seed_0.jsonl") == sgd  # skipped
     adam = read_records(out / "toy_blobs" / "adam" / "seed_0.jsonl")
@@ -116,11 +119,9 @@ def test_a_failing_rank_stops_the_run_and_a_rerun_resumes(tmp_path: Path) -> Non
 
 def test_a_hanging_rank_makes_the_others_time_out(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    hang = {"BPGRAD_TEST_FAIL_RANK": "1", "BPGRAD_TEST_FAIL_STEP": "3",
-            "BPGRAD_TEST_FAIL_MODE": "hang"}
     t0 = time.monotonic()
-    res = _run(["-m", "bpgrad", "compare", *SMALL, "--optimizers", "sgd", "--out", str(out),
-                "--nproc-per-node", "2", "--dist-timeout", "4"], env=hang, timeout=55)
+    res = _run([*FAULT, "1", "3", "-", "hang", "compare", *SMALL, "--optimizers", "sgd",
+                "--out", str(out), "--nproc-per-node", "2", "--dist-timeout", "4"], timeout=55)
     elapsed = time.monotonic() - t0
     assert res.returncode != 0
     assert elapsed < 45

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_problem import ToyBlobs
 
 from bpgrad.bench.optimizers import resolve_optimizer
 from bpgrad.bench.results import (
@@ -19,10 +20,10 @@ from bpgrad.bench.runner import (
     Budget,
     ResultMismatchError,
     RunOptions,
+    TrialHooks,
     epoch_order,
     run_trial,
 )
-from bpgrad.bench.testing import ToyBlobs
 
 QUIET = RunOptions(quiet=True, log_interval=5)
 
@@ -83,7 +84,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, problem, sp
 
     with pytest.raises(Killed):
         run_trial(problem, opt, 1, budget, out=tmp_path / "cut", splits=splits, options=QUIET,
-                  on_epoch_end=kill_after_first)
+                  hooks=TrialHooks(on_epoch_end=kill_after_first))
     path = tmp_path / "cut" / "toy_blobs" / name / "seed_1.jsonl"
     assert checkpoint_path(path).exists()
     assert read_records(path)[-1]["kind"] == "epoch"  # no summary: unfinished
@@ -114,7 +115,7 @@ def test_resume_discards_records_written_after_the_checkpoint(tmp_path: Path, pr
 
     with pytest.raises(Killed):
         run_trial(problem, opt, 2, budget, out=tmp_path / "cut", splits=splits, options=QUIET,
-                  on_epoch_end=kill)
+                  hooks=TrialHooks(on_epoch_end=kill))
     shutil.copy(saved, checkpoint_path(path))
     assert max(r.get("epoch", 0) for r in read_records(path)) == 2
     resumed = run_trial(problem, opt, 2, budget, out=tmp_path / "cut", splits=splits,
@@ -183,7 +184,7 @@ def test_schedulefree_switches_train_and_eval_and_resumes(tmp_path: Path, proble
 
     with pytest.raises(Killed):
         run_trial(problem, opt, 0, budget, out=tmp_path / "cut", splits=splits, options=QUIET,
-                  on_epoch_end=kill)
+                  hooks=TrialHooks(on_epoch_end=kill))
     resumed = run_trial(problem, opt, 0, budget, out=tmp_path / "cut", splits=splits,
                         options=QUIET)
     assert _series(resumed.path) == _series(ref.path)
@@ -246,7 +247,7 @@ def test_peers_resume_exactly_from_weights_only_checkpoints(tmp_path: Path, prob
 
     with pytest.raises(Killed):
         run_trial(problem, opt, 0, budget, out=tmp_path / "cut", splits=splits, options=QUIET,
-                  on_epoch_end=kill)
+                  hooks=TrialHooks(on_epoch_end=kill))
     resumed = run_trial(problem, opt, 0, budget, out=tmp_path / "cut", splits=splits,
                         options=QUIET)
     assert resumed.resumed

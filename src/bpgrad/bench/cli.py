@@ -1,25 +1,36 @@
-"""``bpgrad compare`` and ``bpgrad report`` (plus the data layer's ``bpgrad data``)."""
+"""``bpgrad compare`` and ``bpgrad report`` (plus the data layer's ``bpgrad data``).
+
+Error contract: a user error (a bad value, a path that cannot be written, a result folder from
+another configuration, a corrupt data cache, ...) ends the command with one line on stderr that
+names what is wrong and what to do, and exit status 2; ``--debug`` shows the traceback instead.
+Corrupt result files and checkpoints are not errors: the runner moves them aside, says so, and
+runs the trial again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bpgrad.bench.config import (
     CompareConfig,
     ConfigError,
-    config_from_mapping,
+    TrialSpec,
+    add_arguments,
+    check_hyperparameters,
+    config_from_args,
     describe,
     expand_trials,
-    load_toml,
-    parse_assignment,
-    parse_sweep,
+    import_modules,
 )
+from bpgrad.bench.data.errors import DataError
 from bpgrad.bench.distributed import (
-    DEFAULT_TIMEOUT_S,
     SINGLE,
     DistContext,
     env_rank,
@@ -37,10 +48,13 @@ from bpgrad.bench.optimizers import (
     optimizer_names,
 )
 from bpgrad.bench.results import SchemaError, write_manifest
+from bpgrad.bench.runner import ResultMismatchError, TrialHooks
 
-# Registers the synthetic ``toy_blobs`` problem, so smoke runs and the commands written into
-# their reports work from the command line too.
-from bpgrad.bench import testing as _testing  # noqa: F401  isort: skip
+#: exceptions that are the user's to fix: one line and exit 2, never a traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, HyperparameterError, MissingExtraError, UnknownOptimizerError,
+    ResultMismatchError, DataError, SchemaError,
+)
 
 _EPILOG = """examples:
   bpgrad compare --problem mnist_lenet --optimizers bpgrad,sgd,adam,adagrad,adadelta,rmsprop \\
@@ -48,16 +62,18 @@ _EPILOG = """examples:
   bpgrad compare --config benchmarks/demo.toml
   bpgrad compare --problem mnist_lenet --optimizers adam,sgd --lr-grid log:1e-4:1e-1:4 --out runs/lr
   bpgrad compare --problem mnist_lenet --optimizers bpgrad --sweep lipschitz=10,50,200
+  bpgrad compare --problem mnist_lenet --seeds 3 --jobs 3 --threads 6 --out runs/par
   bpgrad report runs/mnist
   bpgrad compare --problem mnist_lenet --optimizers bpgrad,adam --nproc-per-node 2 --out runs/ddp
   torchrun --nproc-per-node 2 -m bpgrad compare --problem mnist_lenet --out runs/ddp
 A rerun of the same command skips finished trials and resumes interrupted ones. Under torchrun
 (or --nproc-per-node) --batch-size is per process: a step uses batch size x processes examples.
-See docs/distributed.md."""
+Every option can also be given in the --config file (same names, with underscores).
+See docs/harness.md and docs/distributed.md."""
 
 
 def register(subparsers: Any) -> None:
-    """Add ``compare``, ``report`` and (when present) ``data`` to the ``bpgrad`` command."""
+    """Add ``compare``, ``report`` and ``data`` to the ``bpgrad`` command."""
     p = subparsers.add_parser(
         "compare",
         help="train several optimizers on a problem and compare them",
@@ -67,44 +83,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
-    p.add_argument("--problem", help="problem name(s), comma-separated (see --list)")
-    p.add_argument("--optimizers", help="optimizer names, comma-separated (see --list)")
-    p.add_argument("--seeds", help="a count N (seeds 0..N-1) or a list like 0,3,7")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default: the problem's)")
-    p.add_argument("--out", type=Path, help="run folder (default runs/compare)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--limit-train-batches", type=int,
-                   help="train on at most this many minibatches per epoch (smoke runs)")
-    p.add_argument("--batch-size", type=int, help="minibatch size (default: the problem's)")
-    p.add_argument("--lr-grid",
-                   help="sweep each tunable optimizer's learning rate: 1e-4,1e-3 or log:1e-5:1e0:6;"
-                        " the best is chosen on the validation split")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="sweep any hyperparameter for the optimizers that have it (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="[OPT.]KEY=VALUE",
-                   help="override a hyperparameter for all optimizers that have it, or for one "
-                        "(adam.lr=3e-4) (repeatable)")
-    p.add_argument("--weight-decay", type=float,
-                   help="weight decay for every optimizer that has one (default 5e-4, the paper's)")
-    p.add_argument("--data-dir", type=Path, help="data cache folder (default ~/.cache/bpgrad/data)")
-    p.add_argument("--validation-size", type=int,
-                   help="examples carved from the training set for selection")
-    p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation (default 1000)")
-    p.add_argument("--target", type=float,
-                   help="test accuracy (loss for loss-only problems) for 'steps to target'")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
-    p.add_argument("--no-report", dest="report", action="store_false", default=None,
-                   help="do not write report.md and plots")
-    p.add_argument("--nproc-per-node", type=int, metavar="N",
-                   help="train data-parallel on N processes of this machine, started by torch's "
-                        "elastic launcher (the same as torchrun --standalone --nproc-per-node N "
-                        "-m bpgrad compare ...); Gloo on cpu, NCCL on cuda (one GPU per process)")
-    p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                   help="with several processes: how long a rank waits for the others before the "
-                        f"run stops with an error (default {DEFAULT_TIMEOUT_S:g})")
+    add_arguments(p)
     p.add_argument("--list", action="store_true", help="list problems and optimizers, then exit")
-    p.set_defaults(func=cmd_compare, compare_parser=p)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error instead of a one-line message")
+    p.set_defaults(func=cmd_compare)
 
     r = subparsers.add_parser(
         "report", help="write report.md, tables and plots for a run folder",
@@ -115,41 +98,13 @@ def register(subparsers: Any) -> None:
     r.add_argument("--target", type=float,
                    help="test accuracy (loss for loss-only problems) for 'steps to target'")
     r.add_argument("--quiet", action="store_true", help="do not print the table")
+    r.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error instead of a one-line message")
     r.set_defaults(func=cmd_report)
 
-    try:
-        from bpgrad.bench.data import cli as data_cli
-    except ModuleNotFoundError as exc:
-        # The data layer is optional while it is being built; anything else missing is a bug.
-        if exc.name is None or not exc.name.startswith("bpgrad"):
-            raise
-    else:
-        data_cli.register(subparsers)
+    from bpgrad.bench.data import cli as data_cli
 
-
-def build_config(args: argparse.Namespace) -> CompareConfig:
-    """The run's configuration: defaults, then ``--config``, then command-line options."""
-    cfg = CompareConfig()
-    if args.config is not None:
-        data = load_toml(args.config)
-        cfg = config_from_mapping(data, base=cfg, source=str(args.config))
-        cfg.config_file = args.config
-    cli: dict[str, Any] = {
-        key: getattr(args, key)
-        for key in ("problem", "optimizers", "seeds", "epochs", "out", "threads", "device",
-                    "limit_train_batches", "batch_size", "lr_grid", "data_dir",
-                    "validation_size", "eval_batch_size", "target", "quiet", "report")
-    }
-    cfg = config_from_mapping(cli, base=cfg, source="command line")
-    for text in args.set:
-        key, value = parse_assignment(text)
-        cfg.overrides[key] = value
-    if args.weight_decay is not None:
-        cfg.overrides["weight_decay"] = args.weight_decay
-    for text in args.sweep:
-        key, values = parse_sweep(text)
-        cfg.sweep[key] = values
-    return cfg
+    data_cli.register(subparsers)
 
 
 def _list() -> int:
@@ -173,81 +128,111 @@ def _error(command: str, message: str) -> int:
     return 2
 
 
-def _argv_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                    drop: set[str]) -> list[str]:
-    """The options of ``args`` as command-line words again (for the launched processes)."""
-    out: list[str] = []
-    for action in parser._actions:
-        if not action.option_strings or action.dest in drop or action.dest == "help":
-            continue
-        flag = next((o for o in action.option_strings if o.startswith("--")),
-                    action.option_strings[0])
-        value = getattr(args, action.dest, None)
-        if isinstance(action, argparse._StoreConstAction):
-            if value is not None and value == action.const:
-                out.append(flag)
-        elif isinstance(action, argparse._AppendAction):
-            for item in value or []:
-                out += [flag, str(item)]
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
+def _user_error(command: str, exc: BaseException, debug: bool) -> int:
+    """The error contract: one line and exit 2, or the traceback with ``--debug``."""
+    if debug:
+        raise exc
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return _error(command, " ".join(message.split()))
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Run the comparison; returns the exit status."""
-    if args.list:
-        return _list()
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file in it, so that a bad --out fails before training."""
     try:
-        cfg = build_config(args)
-        trials = expand_trials(cfg)
-        for variant in {t.optimizer.name: t.optimizer for t in trials}.values():
-            variant.spec.check_available()
-        from bpgrad.bench.problems.base import get_problem
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".bpgrad-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot write there ({exc.strerror or exc}); choose a folder you "
+            "can write to"
+        ) from None
 
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked configuration: what ``run_compare`` needs."""
+
+    cfg: CompareConfig
+    problems: dict[str, Any]
+    trials: list[TrialSpec]
+
+
+def prepare(cfg: CompareConfig) -> _Plan:
+    """Check everything that can be checked before a trial runs; raise a user error if not."""
+    from bpgrad.bench.problems.base import get_problem
+
+    trials = expand_trials(cfg)
+    variants = list({t.optimizer.label: t.optimizer for t in trials}.values())
+    for variant in variants:
+        variant.spec.check_available()
+    check_hyperparameters(variants)
+    try:
         problems = {name: get_problem(name) for name in cfg.problems}
-        if cfg.device.startswith("cuda"):
-            import torch
+    except KeyError as exc:  # unknown problem: the message lists the known ones
+        raise ConfigError(f"{exc.args[0]}; see bpgrad compare --list") from None
+    if cfg.device.startswith("cuda"):
+        import torch
 
-            if not torch.cuda.is_available():
-                raise ConfigError(
-                    f"--device {cfg.device}: torch {torch.__version__} sees no CUDA device; "
-                    "use --device cpu or install a CUDA build of torch"
-                )
-    except (ConfigError, HyperparameterError, MissingExtraError, UnknownOptimizerError) as exc:
-        return _error("compare", str(exc))
-    except KeyError as exc:  # unknown problem
-        return _error("compare", str(exc.args[0]) if exc.args else str(exc))
-
-    timeout = args.dist_timeout if args.dist_timeout is not None else DEFAULT_TIMEOUT_S
-    if timeout <= 0:
-        return _error("compare", f"--dist-timeout must be > 0 seconds, got {timeout:g}")
-    if args.nproc_per_node is not None:
-        if args.nproc_per_node < 1:
-            return _error("compare", f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-        if cfg.device.startswith("cuda"):
-            import torch
-
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {cfg.device}: torch {torch.__version__} sees no CUDA device; "
+                "use --device cpu or install a CUDA build of torch"
+            )
+        if cfg.nproc_per_node is not None and env_ranks() is None \
+                and cfg.nproc_per_node > torch.cuda.device_count():
             visible = torch.cuda.device_count()
-            if args.nproc_per_node > visible:
-                return _error("compare", (
-                    f"--nproc-per-node {args.nproc_per_node} with --device {cfg.device}: this "
-                    f"machine has {visible} visible GPU(s) and NCCL needs one per process; use "
-                    f"--nproc-per-node {visible} or fewer, or --device cpu (Gloo)"))
+            raise ConfigError(
+                f"--nproc-per-node {cfg.nproc_per_node} with --device {cfg.device}: this "
+                f"machine has {visible} visible GPU(s) and NCCL needs one per process; use "
+                f"--nproc-per-node {visible} or fewer, or --device cpu (Gloo)")
+    if cfg.jobs > 1 and (cfg.nproc_per_node is not None or env_ranks() is not None):
+        raise ConfigError("--jobs runs trials side by side and --nproc-per-node (or torchrun) "
+                          "runs each trial on several processes; use one of them")
+    check_writable(cfg.out)
+    return _Plan(cfg, problems, trials)
+
+
+def cmd_compare(args: argparse.Namespace, *, hooks: TrialHooks | None = None,
+                entry: Sequence[str] = ("--module", "bpgrad")) -> int:
+    """Run the comparison; returns the exit status.
+
+    ``hooks`` go to every trial (tests inject faults with them); ``entry`` is what the
+    launcher runs in each process for ``--nproc-per-node`` (``--module bpgrad``, or a test's
+    script that passes its own hooks).
+    """
+    debug = bool(getattr(args, "debug", False))
+    try:
+        cfg = config_from_args(args)
+        import_modules(cfg.imports)
+        if args.list:
+            return _list()
+        plan = prepare(cfg)
+    except USER_ERRORS as exc:
+        return _user_error("compare", exc, debug)
+
+    if cfg.nproc_per_node is not None:
         if env_ranks() is None:
             # Start the processes through torch's elastic launcher; each runs this command
             # without --nproc-per-node and finds itself in a process group.
-            argv = _argv_from_args(args.compare_parser, args, drop={"nproc_per_node"})
-            return launch(args.nproc_per_node, ["compare", *argv], threads=cfg.threads)
+            argv = cfg.to_argv(drop=("nproc_per_node",))
+            if cfg.config_file is not None:
+                argv = ["--config", str(cfg.config_file), *argv]
+            return launch(cfg.nproc_per_node, ["compare", *argv], threads=cfg.threads,
+                          entry=entry)
         if env_rank() == 0:
             print("bpgrad compare: already under a launcher; --nproc-per-node is ignored",
                   file=sys.stderr)
 
-    ctx, device = init_from_env(cfg.device, timeout)
+    ctx, device = init_from_env(cfg.device, cfg.dist_timeout)
     if not ctx.enabled:
-        return run_compare(cfg, problems, trials)
+        try:
+            return run_compare(plan, hooks=hooks)
+        except USER_ERRORS as exc:
+            return _user_error("compare", exc, debug)
     try:
-        rc = run_compare(cfg, problems, trials, dist=ctx, device=device)
+        rc = run_compare(plan, dist=ctx, device=device, hooks=hooks)
         # Leave together: rank 0 writes the report meanwhile, and a rank that tears its group
         # down while a peer still holds connections can abort at exit.
         ctx.barrier()
@@ -256,19 +241,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finish_rank(ctx, rc)
 
 
-def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any], *,
-                dist: DistContext = SINGLE, device: str | None = None) -> int:
-    """Run ``trials`` of a resolved config, then print the table and write the report.
-
-    With a process group (``dist``) every rank runs every trial data-parallel; rank 0 alone
-    writes files, prints and writes the report.
-    """
-    from bpgrad.bench.runner import Budget, RunOptions, run_trial
-
-    command = (
-        f"bpgrad compare --config {cfg.config_file}" if cfg.config_file is not None
-        else cfg.to_command()
-    )
+def _manifest_commands(cfg: CompareConfig, dist: DistContext) -> tuple[str, str]:
+    command = (f"bpgrad compare --config {cfg.config_file}" if cfg.config_file is not None
+               else cfg.to_command())
     full_command = cfg.to_command()
     if dist.enabled:
         if dist.world_size == dist.local_world_size:
@@ -277,6 +252,19 @@ def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any],
         else:
             note = "  # under torchrun on several nodes, see docs/distributed.md"
             command, full_command = command + note, full_command + note
+    return command, full_command
+
+
+def run_compare(plan: _Plan, *, dist: DistContext = SINGLE, device: str | None = None,
+                hooks: TrialHooks | None = None) -> int:
+    """Run the trials of a checked config, then print the table and write the report.
+
+    With a process group (``dist``) every rank runs every trial data-parallel; rank 0 alone
+    writes files, prints and writes the report. With ``jobs > 1`` the trials run in that many
+    processes (:mod:`bpgrad.bench.jobs`).
+    """
+    cfg = plan.cfg
+    command, full_command = _manifest_commands(cfg, dist)
     if dist.is_main:
         write_manifest(cfg.out, {
             "command": command,
@@ -286,19 +274,31 @@ def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any],
             **({"distributed": dist.describe()} if dist.enabled else {}),
         })
     quiet = cfg.quiet or not dist.is_main
-    options = RunOptions(
-        device=device or cfg.device, threads=cfg.threads, quiet=quiet,
-        eval_batch_size=cfg.eval_batch_size, log_interval=cfg.log_interval,
-    )
     t_start = time.perf_counter()
+    if cfg.jobs > 1 and len(plan.trials) > 1:
+        from bpgrad.bench.jobs import run_parallel
+
+        counts = run_parallel(cfg, plan.trials, hooks=hooks,
+                              report=None if quiet else _report_trial)
+    else:
+        counts = _run_sequential(plan, dist=dist, device=device, hooks=hooks, quiet=quiet)
+    elapsed = time.perf_counter() - t_start
+    if not dist.is_main:
+        return 0
+    print(f"{len(plan.trials)} trials in {elapsed:.1f} s: " +
+          ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=sys.stderr)
+    return _finish(cfg.out, target=cfg.target, write=cfg.report, quiet=False)
+
+
+def _run_sequential(plan: _Plan, *, dist: DistContext, device: str | None,
+                    hooks: TrialHooks | None, quiet: bool) -> dict[str, int]:
+    from bpgrad.bench.runner import run_trial
+
+    cfg = plan.cfg
+    options = cfg.run_options(device=device, quiet=quiet)
     counts = {"finished": 0, "diverged": 0, "skipped": 0, "resumed": 0}
-    for name, problem in problems.items():
-        todo = [t for t in trials if t.problem == name]
-        budget = Budget(
-            epochs=cfg.epochs or problem.epochs,
-            limit_train_batches=cfg.limit_train_batches,
-            batch_size=cfg.batch_size,
-        )
+    for name, problem in plan.problems.items():
+        todo = [t for t in plan.trials if t.problem == name]
         t_load = time.perf_counter()
         # One process per node loads (and downloads) first; the others then read its cache.
         if dist.local_rank != 0:
@@ -312,34 +312,32 @@ def run_compare(cfg: CompareConfig, problems: dict[str, Any], trials: list[Any],
                   f"{len(splits.test)} test examples, loaded in "
                   f"{time.perf_counter() - t_load:.1f} s; {len(todo)} trials", file=sys.stderr)
         for trial in todo:
-            outcome = run_trial(problem, trial.optimizer, trial.seed, budget, out=cfg.out,
-                                splits=splits, options=options, dist=dist)
+            outcome = run_trial(problem, trial.optimizer, trial.seed, cfg.budget(problem),
+                                out=cfg.out, splits=splits, options=options, dist=dist,
+                                hooks=hooks)
             counts["skipped" if outcome.skipped else outcome.status] += 1
             counts["resumed"] += int(outcome.resumed)
             if not quiet:
-                final = outcome.summary.get("final", {})
-                acc = final.get("test_accuracy")
-                loss = final.get("test_loss")
-                what = "skipped (already finished)" if outcome.skipped else outcome.status
-                metric = f"test_accuracy {acc:.4f}" if acc is not None else (
-                    f"test_loss {loss:.4g}" if loss is not None else "")
-                print(f"  {name} {trial.optimizer.label} seed {trial.seed}: {what}, {metric}, "
-                      f"{outcome.summary.get('wall_time', 0.0):.1f} s", file=sys.stderr)
-    elapsed = time.perf_counter() - t_start
-    if not dist.is_main:
-        return 0
-    print(f"{len(trials)} trials in {elapsed:.1f} s: " +
-          ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=sys.stderr)
-    return _finish(cfg.out, target=cfg.target, write=cfg.report, quiet=False)
+                _report_trial(trial, outcome.status, outcome.skipped, outcome.summary)
+    return counts
+
+
+def _report_trial(trial: TrialSpec, status: str, skipped: bool,
+                  summary: dict[str, Any]) -> None:
+    """One line per finished trial on stderr."""
+    final = summary.get("final", {})
+    acc, loss = final.get("test_accuracy"), final.get("test_loss")
+    what = "skipped (already finished)" if skipped else status
+    metric = f"test_accuracy {acc:.4f}" if acc is not None else (
+        f"test_loss {loss:.4g}" if loss is not None else "")
+    print(f"  {trial.problem} {trial.optimizer.label} seed {trial.seed}: {what}, {metric}, "
+          f"{summary.get('wall_time', 0.0):.1f} s", file=sys.stderr)
 
 
 def _finish(run_dir: Path, *, target: float | None, write: bool, quiet: bool) -> int:
     from bpgrad.bench.analysis import analyse, format_run_tables
 
-    try:
-        analysis = analyse(run_dir, target=target)
-    except SchemaError as exc:
-        return _error("report", str(exc))
+    analysis = analyse(run_dir, target=target)
     if not quiet:
         print(format_run_tables(analysis, style="text"))
     if write:
@@ -354,4 +352,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of an existing run folder."""
     if not Path(args.run_dir).is_dir():
         return _error("report", f"{args.run_dir} is not a folder; pass a `bpgrad compare --out` dir")
-    return _finish(args.run_dir, target=args.target, write=True, quiet=args.quiet)
+    try:
+        return _finish(args.run_dir, target=args.target, write=True, quiet=args.quiet)
+    except USER_ERRORS as exc:
+        return _user_error("report", exc, bool(getattr(args, "debug", False)))

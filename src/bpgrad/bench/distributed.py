@@ -30,7 +30,7 @@ import datetime as _dt
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -272,18 +272,24 @@ _SECONDARY_DELAY_S = 2.0
 # Launcher
 
 
-def launcher_args(nproc_per_node: int, argv: Sequence[str]) -> list[str]:
+#: what each launched process runs: ``python -m bpgrad``
+BPGRAD_ENTRY: tuple[str, ...] = ("--module", "bpgrad")
+
+
+def launcher_args(nproc_per_node: int, argv: Sequence[str],
+                  entry: Sequence[str] = BPGRAD_ENTRY) -> list[str]:
     """``torch.distributed.run`` arguments that start ``python -m bpgrad <argv>`` on this node.
 
     The same as ``torchrun --standalone --nproc-per-node N -m bpgrad <argv>`` (one node, a
-    local c10d rendezvous on a free port, no restarts: a failed rank fails the run).
+    local c10d rendezvous on a free port, no restarts: a failed rank fails the run). ``entry``
+    replaces ``--module bpgrad`` (tests start a script that passes fault hooks in).
     """
     return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
-            "--max-restarts", "0", "--module", "bpgrad", *argv]
+            "--max-restarts", "0", *entry, *argv]
 
 
 def launch(nproc_per_node: int, argv: Sequence[str], *, threads: int | None = None,
-           command: str = "compare") -> int:
+           command: str = "compare", entry: Sequence[str] = BPGRAD_ENTRY) -> int:
     """Run ``bpgrad <argv>`` on ``nproc_per_node`` local processes through torch's launcher.
 
     ``threads`` sets ``OMP_NUM_THREADS`` for the processes when it is not set already (torchrun
@@ -297,7 +303,7 @@ def launch(nproc_per_node: int, argv: Sequence[str], *, threads: int | None = No
     if saved is None:
         os.environ["OMP_NUM_THREADS"] = str(threads or 1)
     try:
-        torch_run.main(launcher_args(nproc_per_node, argv))
+        torch_run.main(launcher_args(nproc_per_node, argv, entry))
     except ChildFailedError as exc:
         rank, failure = min(exc.failures.items(), key=_root_cause_key)
         others = sorted(set(exc.failures) - {rank})
@@ -344,40 +350,3 @@ def _failure_text(message: Any) -> str:
         message = message.get("message", message)
     text = str(message) if message else "no message (killed by a signal?)"
     return text.removeprefix("RuntimeError: ")
-
-
-# ---------------------------------------------------------------------------------------------
-# Test hook
-
-
-FaultHook = Callable[[int, str, int], None]
-
-
-def test_fault_hook() -> FaultHook | None:
-    """A hook that makes one rank fail, for the fault tests only; None unless asked for.
-
-    Read from the environment here and nowhere else: ``BPGRAD_TEST_FAIL_RANK`` (which rank),
-    ``BPGRAD_TEST_FAIL_STEP`` (at which global step of a trial), optionally
-    ``BPGRAD_TEST_FAIL_LABEL`` (only in the trial of that optimizer label) and
-    ``BPGRAD_TEST_FAIL_MODE`` (``raise``, the default, or ``hang``: sleep, so that the other ranks
-    must time out).
-    """
-    if "BPGRAD_TEST_FAIL_RANK" not in os.environ:
-        return None
-    fail_rank = int(os.environ["BPGRAD_TEST_FAIL_RANK"])
-    fail_step = int(os.environ.get("BPGRAD_TEST_FAIL_STEP", "1"))
-    fail_label = os.environ.get("BPGRAD_TEST_FAIL_LABEL")
-    mode = os.environ.get("BPGRAD_TEST_FAIL_MODE", "raise")
-
-    def hook(rank: int, label: str, step: int) -> None:
-        if rank != fail_rank or step != fail_step:
-            return
-        if fail_label is not None and label != fail_label:
-            return
-        if mode == "hang":
-            import time
-
-            time.sleep(3600)
-        raise RuntimeError(f"test fault hook: rank {rank} fails at step {step} of {label}")
-
-    return hook

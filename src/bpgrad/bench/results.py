@@ -12,6 +12,10 @@ Every line is one JSON object with a ``kind``:
   device, thread count, package versions, git commit, host name and start time.
 * ``steps`` (one or more per epoch): parallel lists ``step``, ``loss`` and, for optimizers that
   expose them (BPGrad), ``eta`` and ``grad_norm``. Step indices are global and start at 1.
+* ``eval`` (schema 2; only with ``eval_interval``): an evaluation inside an epoch, every
+  ``eval_interval`` global steps: ``epoch`` (the epoch it falls in), ``step``, ``valid_loss``,
+  ``valid_accuracy``, ``test_loss``, ``test_accuracy``, ``wall_time``, ``train_time``. An epoch's
+  last step is evaluated by its ``epoch`` record instead, never twice.
 * ``epoch``: ``epoch`` (0 = before training), ``step``, ``train_loss``, ``train_accuracy``,
   ``valid_loss``, ``valid_accuracy``, ``test_loss``, ``test_accuracy``, ``wall_time`` and
   ``train_time`` (cumulative seconds).
@@ -22,6 +26,9 @@ Every line is one JSON object with a ``kind``:
 Non-finite floats are stored as ``null`` (JSON has no NaN); a diverged trial says so in its
 summary. The whole file is rewritten through a temporary file and :func:`os.replace`, so a reader
 (or a killed writer) never sees half a line.
+
+Versions: 2 added the ``eval`` record (and ``budget.eval_interval`` in the header when set);
+version 1 files have neither and are read as they are.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this bpgrad reads (every earlier file stays readable)
+READABLE_VERSIONS = (1, 2)
 
-RECORD_KINDS = ("config", "steps", "epoch", "summary")
+RECORD_KINDS = ("config", "steps", "eval", "epoch", "summary")
 STATUSES = ("finished", "diverged")
 #: metric names an ``epoch`` record carries (values may be ``null``)
 EPOCH_METRICS = (
@@ -52,6 +61,7 @@ EPOCH_METRICS = (
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "config": ("schema_version", "problem", "optimizer", "seed", "budget", "environment"),
     "steps": ("epoch", "step", "loss"),
+    "eval": ("epoch", "step", "wall_time", *EPOCH_METRICS[2:]),
     "epoch": ("epoch", "step", "wall_time", *EPOCH_METRICS),
     "summary": ("status", "epochs_completed", "steps", "final", "wall_time"),
 }
@@ -166,20 +176,26 @@ def validate_records(records: Sequence[Mapping[str, Any]], *, where: str = "") -
                 if key in rec and len(rec[key]) != n:
                     raise SchemaError(f"{prefix}record {i}: {key} has {len(rec[key])} != {n}")
     version = records[0]["schema_version"]
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise SchemaError(
             f"{prefix}schema_version {version} is not supported (this bpgrad reads "
-            f"{SCHEMA_VERSION}); rerun the trial or use a matching bpgrad version"
+            f"{', '.join(map(str, READABLE_VERSIONS))}); rerun the trial or use a matching "
+            "bpgrad version"
         )
+    if version < 2 and any(r.get("kind") == "eval" for r in records):
+        raise SchemaError(f"{prefix}eval records need schema_version 2, the file says {version}")
 
 
 @dataclass
 class Trial:
-    """One trial file, parsed: the config, per-step series, per-epoch metrics and the summary."""
+    """One trial file, parsed: the config, per-step series, per-epoch metrics, the evaluations
+    inside epochs and the summary."""
 
     path: Path
     config: dict[str, Any]
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    #: ``eval`` records (evaluations inside epochs), in step order
+    evals: list[dict[str, Any]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     loss: list[float | None] = field(default_factory=list)
     series: dict[str, list[float | None]] = field(default_factory=dict)
@@ -216,6 +232,14 @@ class Trial:
         return bool(self.config["problem"].get("has_accuracy", True))
 
     @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        """Every evaluation in step order: the ``epoch`` records (step 0 and each epoch's end)
+        and the ``eval`` records between them; each has ``step``, ``epoch``, ``wall_time`` and
+        the validation and test metrics. The test-error curve over steps reads this."""
+        return sorted([*self.epochs, *self.evals], key=lambda r: (int(r["step"]),
+                                                                  r["kind"] == "epoch"))
+
+    @property
     def status(self) -> str:
         """``finished``, ``diverged`` or ``incomplete`` (no summary yet)."""
         return "incomplete" if self.summary is None else str(self.summary["status"])
@@ -242,6 +266,8 @@ def parse_trial(path: Path, records: Sequence[Mapping[str, Any]] | None = None) 
                 values.extend([None] * (start + n - len(values)))
         elif kind == "epoch":
             trial.epochs.append(dict(rec))
+        elif kind == "eval":
+            trial.evals.append(dict(rec))
         elif kind == "summary":
             trial.summary = dict(rec)
     return trial

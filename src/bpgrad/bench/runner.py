@@ -1,4 +1,4 @@
-"""Run one trial: seed, train, evaluate every epoch, log, checkpoint, resume.
+"""Run one trial: seed, train, evaluate, log, checkpoint, resume.
 
 :func:`run_trial` is the only entry point. It knows nothing about particular optimizers: the
 :class:`~bpgrad.bench.optimizers.OptimizerSpec` says whether ``step`` needs the loss or a closure,
@@ -6,7 +6,13 @@ whether to call ``start_epoch()``, and whether to switch ``train()``/``eval()``.
 
 Costs kept off the hot path: per-step values (loss, and BPGrad's ``eta``/``grad_norm``) stay 0-dim
 tensors on the device and are copied to the host once every ``log_interval`` steps, which is also
-when divergence (a non-finite loss) is detected. Nothing else synchronises inside an epoch.
+when divergence (a non-finite loss) is detected. Nothing else synchronises inside an epoch,
+except the evaluations asked for with ``Budget.eval_interval`` (``eval`` records).
+
+Phases (each a named function or method below): lay out the data (:func:`_layout`), write the
+header (:func:`_header`), decide (:func:`_decide`: skip, resume, start; corrupt files are moved
+aside), train (:meth:`_Trial.epoch_loop`), checkpoint (:meth:`_Trial.checkpoint`), summary
+(:meth:`_Trial.finish`). Tests reach inside a trial through :class:`TrialHooks` callbacks.
 
 Resume: after each epoch the result file is rewritten atomically and a checkpoint (model,
 optimizer, RNG states, counters) is saved atomically next to it. A rerun skips a trial whose file
@@ -27,6 +33,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -44,14 +51,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from bpgrad.bench.distributed import SINGLE, DistContext, rank_seed, test_fault_hook
+from bpgrad.bench.distributed import SINGLE, DistContext, rank_seed
 from bpgrad.bench.optimizers import ResolvedOptimizer
 from bpgrad.bench.problems.base import Problem, Split, Splits
 from bpgrad.bench.results import (
     SCHEMA_VERSION,
+    SchemaError,
     checkpoint_path,
+    clean_json,
     read_records,
     trial_path,
+    validate_records,
     write_records,
 )
 
@@ -72,6 +82,9 @@ class Budget:
     limit_train_batches: int | None = None
     #: minibatch size; None = the problem's default
     batch_size: int | None = None
+    #: also evaluate every this many steps (``eval`` records); None = before training and at
+    #: epoch ends only
+    eval_interval: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -82,6 +95,8 @@ class Budget:
             )
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_interval is not None and self.eval_interval < 1:
+            raise ValueError(f"eval_interval must be >= 1 (or None), got {self.eval_interval}")
 
 
 @dataclass(frozen=True)
@@ -114,9 +129,6 @@ class TrialOutcome:
     #: True when it continued from a checkpoint
     resumed: bool
     summary: dict[str, Any]
-
-
-EpochCallback = Callable[[int], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +314,22 @@ def _split_to(split: Split, device: torch.device) -> Split:
 
 
 # ---------------------------------------------------------------------------------------------
-# The trial
+# The trial, in named phases: lay out the data, write the header, decide (skip / resume /
+# start), train epoch by epoch with evaluations and checkpoints, write the summary.
+
+
+@dataclass(frozen=True)
+class TrialHooks:
+    """Callbacks into a running trial, the way tests stop or fail one at a chosen point.
+
+    ``before_step(rank, label, step)`` runs before every optimizer step (``step`` counts from 1
+    over the whole trial); ``on_epoch_end(epoch)`` runs once an epoch's records and checkpoint
+    are on disk. An exception raised by either ends the trial the way a kill would: the files
+    written so far stay, and a rerun resumes.
+    """
+
+    before_step: Callable[[int, str, int], None] | None = None
+    on_epoch_end: Callable[[int], None] | None = None
 
 
 def _fingerprint(header: Mapping[str, Any]) -> dict[str, Any]:
@@ -314,10 +341,6 @@ def _fingerprint(header: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _json_roundtrip(value: Any) -> Any:
-    import json
-
-    from bpgrad.bench.results import clean_json
-
     return json.loads(json.dumps(clean_json(value)))
 
 
@@ -327,8 +350,417 @@ def _check_same_config(existing: Mapping[str, Any], new: Mapping[str, Any], path
         diffs = [k for k in _FINGERPRINT_KEYS if old_fp.get(k) != new_fp.get(k)]
         raise ResultMismatchError(
             f"{path} was written with a different configuration (differs in: "
-            f"{', '.join(diffs)}); write to another --out folder or delete the old results"
+            f"{', '.join(diffs)}); use another --out folder, or move the old results away"
         )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A trial's data on its device and its batch arithmetic."""
+
+    train: Split
+    valid: Split
+    test: Split
+    #: per rank; a step consumes ``global_batch = batch_size * world_size`` examples
+    batch_size: int
+    global_batch: int
+    steps_per_epoch: int
+    eval_batch_size: int
+
+
+def _layout(problem: Problem, splits: Splits, budget: Budget, opts: RunOptions,
+            device: torch.device, world: int) -> _Layout:
+    train = _split_to(splits.train, device)
+    batch_size = budget.batch_size or problem.batch_size
+    global_batch = batch_size * world
+    if len(train) == 0:
+        raise ValueError(f"problem {problem.name!r} has an empty training split")
+    # DeepOBS problems drop the last incomplete batch; the paper's nets keep it.
+    steps = _steps_per_epoch(len(train), global_batch, problem.drop_last, world)
+    if steps == 0:
+        raise ValueError(
+            f"batch size {global_batch} exceeds the {len(train)} training examples with "
+            "drop_last; use a smaller --batch-size"
+        )
+    if budget.limit_train_batches is not None:
+        steps = min(steps, budget.limit_train_batches)
+    return _Layout(train, _split_to(splits.valid, device), _split_to(splits.test, device),
+                   batch_size, global_batch, steps,
+                   opts.eval_batch_size or problem.eval_batch_size)
+
+
+def _header(problem: Problem, optimizer: ResolvedOptimizer, seed: int, budget: Budget,
+            lay: _Layout, opts: RunOptions, ctx: DistContext, device: torch.device,
+            extra_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``config`` record: what runs, with which settings, where."""
+    budget_rec = {k: v for k, v in asdict(budget).items() if k != "eval_interval"}
+    header: dict[str, Any] = {
+        "kind": "config",
+        "schema_version": SCHEMA_VERSION,
+        "problem": {"name": problem.name, "description": problem.description,
+                    "has_accuracy": problem.has_accuracy},
+        "optimizer": optimizer.describe(),
+        "seed": seed,
+        "budget": {
+            **budget_rec,
+            "batch_size": lay.global_batch,
+            "steps_per_epoch": lay.steps_per_epoch,
+            "eval_batch_size": lay.eval_batch_size,
+            "drop_last": problem.drop_last,
+            # Only when set, so files written before it existed keep their fingerprint.
+            **({"eval_interval": budget.eval_interval} if budget.eval_interval else {}),
+            # Only in multi-process runs, so one-process files keep their fingerprint; a
+            # different world size is a different trial (another global batch, other RNG draws).
+            **({"world_size": ctx.world_size, "per_rank_batch_size": lay.batch_size}
+               if ctx.enabled else {}),
+        },
+        "data": {"train_size": len(lay.train), "valid_size": len(lay.valid),
+                 "test_size": len(lay.test), "data_seed": opts.data_seed},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "log_interval": opts.log_interval,
+        "environment": environment(str(device)),
+        "start_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra_config:
+        header["run"] = dict(extra_config)
+    if ctx.enabled:
+        header["distributed"] = ctx.describe()
+    return header
+
+
+def _say(message: str) -> None:
+    print(f"bpgrad: {message}", file=sys.stderr, flush=True)
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` to ``<name>.<why>-<UTC time>`` next to it (kept for inspection, out of
+    the way of a rerun) and return the new path."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = path.with_name(f"{path.name}.{why}-{stamp}")
+    os.replace(path, target)
+    return target
+
+
+CheckpointProbe = Callable[[Mapping[str, Any]], None]
+
+
+def _decide(path: Path, header: Mapping[str, Any], probe: CheckpointProbe,
+            ctx: DistContext) -> dict[str, Any]:
+    """Skip a finished trial, resume an unfinished one from its checkpoint, or start.
+
+    Rank 0 alone reads the files and decides; the others get its decision (and checkpoint).
+    A result file that cannot be read, or a checkpoint that does not load, is moved aside with
+    a message and the trial starts again; a file from a different configuration is an error.
+    """
+    decision: dict[str, Any] | None = None
+    if ctx.is_main:
+        try:
+            decision = _decide_from_files(path, header, probe)
+        except ResultMismatchError as exc:
+            decision = {"action": "mismatch", "message": str(exc)}
+    decision = ctx.broadcast(decision)
+    assert decision is not None
+    if decision["action"] == "mismatch":
+        raise ResultMismatchError(decision["message"])
+    return decision
+
+
+def _decide_from_files(path: Path, header: Mapping[str, Any],
+                       probe: CheckpointProbe) -> dict[str, Any]:
+    ckpt_path = checkpoint_path(path)
+    start = {"action": "start"}
+    if not path.exists():
+        if ckpt_path.exists():  # no results to resume into: it belongs to nothing
+            moved = move_aside(ckpt_path, "orphan")
+            _say(f"{ckpt_path} has no result file; moved it to {moved.name}")
+        return start
+    try:
+        existing = read_records(path)
+        validate_records(existing, where=str(path))
+    except (SchemaError, UnicodeDecodeError) as exc:
+        moved = move_aside(path, "corrupt")
+        if ckpt_path.exists():
+            move_aside(ckpt_path, "corrupt")
+        _say(f"result file unreadable ({exc}); moved it to {moved.name} and running the "
+             "trial again")
+        return start
+    _check_same_config(existing[0], header, path)
+    if existing[-1].get("kind") == "summary":
+        return {"action": "skip", "summary": dict(existing[-1])}
+    if not ckpt_path.exists():
+        return start  # killed before its first checkpoint: nothing to resume
+    try:
+        # Loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the model
+        # and optimizer tensors to the parameters' device.
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        probe(ckpt)
+    except Exception as exc:  # any way a checkpoint can fail to load means: start over
+        moved = move_aside(ckpt_path, "corrupt")
+        move_aside(path, "partial")
+        _say(f"checkpoint {ckpt_path} does not load ({type(exc).__name__}: "
+             f"{str(exc)[:200]}); moved it to {moved.name} and running the trial again")
+        return start
+    done = int(ckpt["epoch"])
+    # Keep the original header (its start time) and drop records of an epoch that ran past
+    # the checkpoint: that epoch is recomputed identically.
+    kept = [existing[0]] + [r for r in existing[1:]
+                            if r.get("kind") in ("steps", "eval", "epoch") and r["epoch"] <= done]
+    return {"action": "resume", "ckpt": ckpt, "records": kept}
+
+
+def _checkpoint_probe(problem: Problem, optimizer: ResolvedOptimizer,
+                      seed: int) -> CheckpointProbe:
+    """Check that a checkpoint loads into a fresh model and optimizer of this trial."""
+    def probe(ckpt: Mapping[str, Any]) -> None:
+        model = problem.make_model(seed)
+        model.load_state_dict(ckpt["model"])
+        optimizer.build(model.parameters()).load_state_dict(ckpt["optimizer"])
+        for key in ("epoch", "step", "wall_time", "train_time", "resumes", "rng"):
+            if key not in ckpt:
+                raise KeyError(f"no {key!r} entry")
+
+    return probe
+
+
+class _Trial:
+    """A running trial: the model, the optimizer, the counters and the records so far."""
+
+    def __init__(self, problem: Problem, optimizer: ResolvedOptimizer, seed: int,
+                 budget: Budget, lay: _Layout, opts: RunOptions, ctx: DistContext,
+                 hooks: TrialHooks, path: Path, device: torch.device) -> None:
+        self.problem, self.optimizer, self.seed, self.budget = problem, optimizer, seed, budget
+        self.lay, self.opts, self.ctx, self.hooks = lay, opts, ctx, hooks
+        self.path, self.device, self.spec = path, device, optimizer.spec
+        self.records: list[dict[str, Any]] = []
+        self.first_epoch, self.last_epoch, self.step, self.resumes = 1, 0, 0, 0
+        self.wall_time = self.train_time = 0.0
+        self.resumed = False
+        self.status: str = "finished"
+        self.diverged_at: int | None = None
+        seed_everything(seed)
+        self.model = problem.make_model(seed).to(device)
+        if ctx.rank:
+            # Independent dropout draws per rank; rank 0 keeps the one-process stream.
+            seed_everything(rank_seed(seed, ctx.rank))
+        self.net: nn.Module = self.model
+        if ctx.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = optimizer.build(self.model.parameters())
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def start(self, header: dict[str, Any], decision: Mapping[str, Any]) -> None:
+        """Restore from the checkpoint, or record the metrics before training."""
+        if decision["action"] == "resume":
+            ckpt = decision["ckpt"]
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            rng_ranks = ckpt.get("rng_ranks")
+            _set_rng_state(rng_ranks[self.ctx.rank] if rng_ranks is not None else ckpt["rng"])
+            self.last_epoch = int(ckpt["epoch"])
+            self.first_epoch, self.step = self.last_epoch + 1, int(ckpt["step"])
+            self.wall_time, self.train_time = float(ckpt["wall_time"]), float(ckpt["train_time"])
+            self.resumes, self.resumed = int(ckpt["resumes"]) + 1, True
+            self.records = list(decision["records"])
+            return
+        self.records = [header]
+        t0 = time.perf_counter()
+        metrics = self.metrics()
+        self.wall_time += time.perf_counter() - t0
+        self.records.append({"kind": "epoch", "epoch": 0, "step": 0, "train_loss": None,
+                             "train_accuracy": None, **metrics, "wall_time": self.wall_time,
+                             "train_time": 0.0})
+        self.write()
+
+    def epoch_loop(self, progress: _Progress) -> None:
+        """Train the remaining epochs, or until the loss stops being finite."""
+        for epoch in range(self.first_epoch, self.budget.epochs + 1):
+            t_epoch = time.perf_counter()
+            sums, eval_s = self.train_epoch(epoch, progress, t_epoch)
+            self.last_epoch = epoch
+            self.train_time += time.perf_counter() - t_epoch - eval_s
+            if self.status == "diverged":
+                self.wall_time += time.perf_counter() - t_epoch
+                return
+            self.end_epoch(epoch, sums, t_epoch, progress)
+            if self.status == "diverged":
+                return
+            if self.hooks.on_epoch_end is not None:
+                self.hooks.on_epoch_end(epoch)
+
+    def train_epoch(self, epoch: int, progress: _Progress,
+                    t_epoch: float) -> tuple[dict[str, torch.Tensor], float]:
+        """One epoch of steps; returns the summed batch metrics and the seconds spent in
+        evaluations within the epoch (``eval_interval``)."""
+        ctx, spec, opt, lay = self.ctx, self.spec, self.opt, self.lay
+        if spec.epoch_hook:
+            opt.start_epoch()  # type: ignore[attr-defined]
+        if spec.train_eval:
+            opt.train()  # type: ignore[attr-defined]
+        self.model.train()
+        order = epoch_order(len(lay.train), self.seed, epoch, self.device)
+        # Augmentation draws from its own generator, re-seeded per epoch like the data order.
+        aug_seed = self.seed * 1_000_003 + epoch + 7_777_777
+        aug_gen = torch.Generator().manual_seed(
+            rank_seed(aug_seed, ctx.rank) if ctx.rank else aug_seed)
+        log = _StepLog(opt, self.opts.log_interval, reduce=ctx.mean if ctx.enabled else None)
+        sums: dict[str, torch.Tensor] = {}
+        eval_s, interval = 0.0, self.budget.eval_interval
+        for b in range(lay.steps_per_epoch):
+            if self.hooks.before_step is not None:
+                self.hooks.before_step(ctx.rank, self.optimizer.label, self.step + 1)
+            loss = self.train_step(order[b * lay.global_batch:(b + 1) * lay.global_batch], aug_gen,
+                                   sums)
+            bad = log.record(self.step, loss)
+            if bad is None and interval and self.step % interval == 0 \
+                    and b + 1 < lay.steps_per_epoch:
+                eval_s += self.eval_point(epoch, t_epoch, eval_s)
+            if bad is not None:
+                self.status, self.diverged_at = "diverged", bad
+                break
+            if log.just_flushed:
+                progress.update(log.flushed_steps, loss=log.last_loss)
+        else:
+            bad = log.flush()
+            if bad is not None:
+                self.status, self.diverged_at = "diverged", bad
+        progress.update(log.flushed_steps, loss=log.last_loss)
+        self.records.extend(log.records(epoch))
+        return sums, eval_s
+
+    def train_step(self, idx: torch.Tensor, aug_gen: torch.Generator,
+                   sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on the examples ``idx`` (the global batch); returns the loss."""
+        ctx, spec, opt, problem = self.ctx, self.spec, self.opt, self.problem
+        weight = 1.0
+        if ctx.enabled:
+            # This rank's slice of the global batch. Only a last, incomplete batch splits
+            # unevenly; its loss is weighted by the slice's share so that DDP's gradient mean
+            # and BPGrad's loss mean are those of the whole batch.
+            n_global = int(idx.shape[0])
+            idx = idx[ctx.shard(n_global)]
+            weight = idx.shape[0] * ctx.world_size / n_global
+        x, y = problem.augment(self.lay.train.inputs[idx], aug_gen), self.lay.train.targets[idx]
+        opt.zero_grad(set_to_none=True)
+        outputs = self.net(x)
+        loss = problem.loss(outputs, y)
+        if weight != 1.0:
+            loss = loss * weight
+        loss.backward()
+        if spec.needs_loss:
+            opt.step(loss=loss.detach())  # type: ignore[call-overload]
+        elif spec.needs_closure:
+            value = float(loss.detach())  # ALI-G syncs for the value anyway
+            opt.step(lambda value=value: value)  # type: ignore[misc]
+        else:
+            opt.step()
+        self.step += 1
+        with torch.no_grad():
+            for key, val in problem.batch_metrics(outputs.detach(), y).items():
+                val = val.detach().to(torch.float64)
+                sums[key] = sums[key] + val if key in sums else val
+        return loss.detach()
+
+    def metrics(self) -> dict[str, float | None]:
+        """Loss and accuracy on the validation and test splits, now."""
+        if self.spec.train_eval:
+            self.opt.eval()  # type: ignore[attr-defined]
+        if self.ctx.enabled:
+            # Buffers (BatchNorm statistics) were last updated from each rank's own slice; every
+            # rank evaluates with rank 0's, as DDP trains with them.
+            self.ctx.broadcast_tensors_(
+                [b for b in self.model.buffers() if b.is_floating_point()])
+        v = evaluate(self.problem, self.model, self.lay.valid, self.lay.eval_batch_size, self.ctx)
+        t = evaluate(self.problem, self.model, self.lay.test, self.lay.eval_batch_size, self.ctx)
+        names = self.problem.split_metric_names  # whole-split ratios such as mean IU
+        return {"valid_loss": v["loss"], "valid_accuracy": v["accuracy"],
+                "test_loss": t["loss"], "test_accuracy": t["accuracy"],
+                **{f"valid_{k}": v.get(k) for k in names},
+                **{f"test_{k}": t.get(k) for k in names}}
+
+    def eval_point(self, epoch: int, t_epoch: float, eval_s: float) -> float:
+        """An ``eval`` record in the middle of an epoch; returns the seconds it took."""
+        t0 = time.perf_counter()
+        metrics = self.metrics()
+        if self.spec.train_eval:
+            self.opt.train()  # type: ignore[attr-defined]
+        now = time.perf_counter()
+        self.records.append({
+            "kind": "eval", "epoch": epoch, "step": self.step, **metrics,
+            "wall_time": self.wall_time + now - t_epoch,
+            "train_time": self.train_time + t0 - t_epoch - eval_s,
+        })
+        return now - t0
+
+    def end_epoch(self, epoch: int, sums: Mapping[str, torch.Tensor], t_epoch: float,
+                  progress: _Progress) -> None:
+        """The epoch's record (train sums, validation and test metrics), then a checkpoint."""
+        problem, ctx = self.problem, self.ctx
+        if ctx.enabled:
+            sums = _reduce_sums(problem, sums, ctx, self.device)
+        count = float(sums["count"]) if "count" in sums else 0.0
+        train_loss = float(sums["loss_sum"]) / count if count else None
+        train_acc = (float(sums["correct"]) / count
+                     if count and problem.has_accuracy and "correct" in sums else None)
+        metrics = self.metrics()
+        extra: dict[str, Any] = {}
+        if ctx.enabled:
+            extra["replica_spread"] = _replica_spread(self.model, ctx, self.optimizer.label,
+                                                      epoch)
+        self.wall_time += time.perf_counter() - t_epoch
+        self.records.append({
+            "kind": "epoch", "epoch": epoch, "step": self.step, "train_loss": train_loss,
+            "train_accuracy": train_acc, **metrics, "wall_time": self.wall_time,
+            "train_time": self.train_time, **extra,
+        })
+        progress.epoch_done(epoch, train_loss, metrics)
+        self.write()
+        if self.opts.checkpoint and epoch < self.budget.epochs:
+            self.checkpoint(epoch)
+        if train_loss is not None and not math.isfinite(train_loss):
+            # Non-finite metrics without a non-finite step loss (e.g. overflow in the sum).
+            self.status, self.diverged_at = "diverged", self.step
+
+    def checkpoint(self, epoch: int) -> None:
+        """Save everything a resume needs, atomically (rank 0; every rank's RNG state)."""
+        # Saved in eval mode for Schedule-Free (metrics() switched it), which is the mode its
+        # authors require for checkpoints; train() is called again on resume.
+        rng_ranks = self.ctx.gather_all(_rng_state()) if self.ctx.enabled else None
+        if self.ctx.is_main:
+            _save_checkpoint(checkpoint_path(self.path), {
+                "epoch": epoch, "step": self.step, "wall_time": self.wall_time,
+                "train_time": self.train_time, "resumes": self.resumes,
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "rng": _rng_state(), **({"rng_ranks": rng_ranks} if rng_ranks else {}),
+            })
+
+    def finish(self) -> dict[str, Any]:
+        """Append the summary, write the file for good and drop the checkpoint."""
+        last = [r for r in self.records if r["kind"] == "epoch"][-1]
+        summary: dict[str, Any] = {
+            "kind": "summary",
+            "status": self.status,
+            "epochs_completed": self.last_epoch - (self.status != "finished"),
+            "steps": self.step,
+            "final": {k: v for k, v in last.items() if k != "kind"},
+            "wall_time": self.wall_time,
+            "train_time": self.train_time,
+            "diverged_at_step": self.diverged_at,
+            "resumes": self.resumes,
+            "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.records.append(summary)
+        self.write()
+        if self.ctx.is_main:
+            checkpoint_path(self.path).unlink(missing_ok=True)
+        return summary
+
+    def write(self) -> None:
+        """Rewrite the result file (rank 0), atomically."""
+        if self.ctx.is_main:
+            write_records(self.path, self.records)
 
 
 def run_trial(
@@ -341,22 +773,35 @@ def run_trial(
     splits: Splits | None = None,
     data_dir: Path | None = None,
     options: RunOptions | None = None,
-    on_epoch_end: EpochCallback | None = None,
+    hooks: TrialHooks | None = None,
     extra_config: Mapping[str, Any] | None = None,
     dist: DistContext | None = None,
 ) -> TrialOutcome:
     """Train ``optimizer`` on ``problem`` with ``seed`` for ``budget``; write the trial file.
 
-    ``splits`` (loaded with ``problem.load`` once per problem) saves reloading for every trial;
-    ``on_epoch_end(epoch)`` runs after an epoch's records and checkpoint are on disk (tests raise
-    from it to simulate a kill). Returns the outcome; a diverged trial is recorded and returned,
-    never raised. ``dist`` (from :func:`bpgrad.bench.distributed.init_from_env`) runs the trial
-    data-parallel on every rank of the process group; every rank must call this with the same
-    arguments, and gets the same outcome.
+    Args:
+        problem: what to train (data, model, loss, metrics).
+        optimizer: the optimizer and its resolved hyperparameters.
+        seed: the trial's seed (initial weights, data order, dropout).
+        budget: epochs, minibatches per epoch, batch size, evaluation interval.
+        out: the run folder; the file is ``out/<problem>/<label>/seed_<seed>.jsonl``.
+        splits: the problem's data, loaded once per problem (default: ``problem.load``).
+        data_dir: data cache folder when ``splits`` is not given.
+        options: device, threads, progress, evaluation batch size, log interval.
+        hooks: callbacks (:class:`TrialHooks`) that tests use to stop or fail the trial.
+        extra_config: recorded under ``run`` in the header.
+        dist: a :class:`~bpgrad.bench.distributed.DistContext` to train data-parallel on every
+            rank of the process group; every rank calls this with the same arguments and gets
+            the same outcome.
+
+    Returns:
+        What happened. A finished trial found on disk is skipped, an unfinished one resumes from
+        its checkpoint; a diverged trial is recorded and returned, never raised.
+
+    Raises:
+        ResultMismatchError: the result file on disk was written with another configuration.
     """
-    opts = options or RunOptions()
-    ctx = dist or SINGLE
-    world = ctx.world_size
+    opts, ctx = options or RunOptions(), dist or SINGLE
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
@@ -364,290 +809,31 @@ def run_trial(
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use cpu")
     optimizer.spec.check_available()
     path = trial_path(Path(out), problem.name, optimizer.label, seed)
-    ckpt_path = checkpoint_path(path)
-
     if splits is None:
         splits = problem.load(data_dir=data_dir, seed=opts.data_seed)
-    train = _split_to(splits.train, device)
-    valid = _split_to(splits.valid, device)
-    test = _split_to(splits.test, device)
-    # --batch-size is per rank; a step consumes batch_size * world_size examples.
-    batch_size = budget.batch_size or problem.batch_size
-    global_batch = batch_size * world
-    n_train = len(train)
-    if n_train == 0:
-        raise ValueError(f"problem {problem.name!r} has an empty training split")
-    # DeepOBS problems drop the last incomplete batch; the paper's nets keep it.
-    steps_per_epoch = _steps_per_epoch(n_train, global_batch, problem.drop_last, world)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"batch size {global_batch} exceeds the {n_train} training examples with drop_last; "
-            "use a smaller --batch-size"
-        )
-    eval_batch_size = opts.eval_batch_size or problem.eval_batch_size
-    if budget.limit_train_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, budget.limit_train_batches)
+    lay = _layout(problem, splits, budget, opts, device, ctx.world_size)
+    header = _header(problem, optimizer, seed, budget, lay, opts, ctx, device, extra_config)
 
-    header: dict[str, Any] = {
-        "kind": "config",
-        "schema_version": SCHEMA_VERSION,
-        "problem": {
-            "name": problem.name,
-            "description": problem.description,
-            "has_accuracy": problem.has_accuracy,
-        },
-        "optimizer": optimizer.describe(),
-        "seed": seed,
-        "budget": {
-            **asdict(budget),
-            "batch_size": global_batch,
-            "steps_per_epoch": steps_per_epoch,
-            "eval_batch_size": eval_batch_size,
-            "drop_last": problem.drop_last,
-            # Only in multi-process runs, so one-process files keep their fingerprint; a
-            # different world size is a different trial (another global batch, other RNG draws).
-            **({"world_size": world, "per_rank_batch_size": batch_size} if ctx.enabled else {}),
-        },
-        "data": {
-            "train_size": n_train,
-            "valid_size": len(valid),
-            "test_size": len(test),
-            "data_seed": opts.data_seed,
-        },
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "log_interval": opts.log_interval,
-        "environment": environment(str(device)),
-        "start_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if extra_config:
-        header["run"] = dict(extra_config)
-    if ctx.enabled:
-        header["distributed"] = ctx.describe()
-
-    # Rank 0 alone reads the files and decides; the others get its decision (and checkpoint).
-    existing: list[dict[str, Any]] = []
-    decision: dict[str, Any] = {"action": "start"}
-    if ctx.is_main:
-        try:
-            existing = read_records(path) if path.exists() else []
-            if existing:
-                _check_same_config(existing[0], header, path)
-                if existing[-1].get("kind") == "summary":
-                    decision = {"action": "skip", "summary": dict(existing[-1])}
-                elif ckpt_path.exists():
-                    # Loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves
-                    # the model and optimizer tensors to the parameters' device.
-                    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-                    done = int(ckpt["epoch"])
-                    # Keep the original header (its start time) and drop records of an epoch
-                    # that ran past the checkpoint: that epoch is recomputed identically.
-                    kept = [existing[0]] + [
-                        r for r in existing[1:]
-                        if r.get("kind") in ("steps", "epoch") and r["epoch"] <= done
-                    ]
-                    decision = {"action": "resume", "ckpt": ckpt, "records": kept}
-        except ResultMismatchError as exc:
-            decision = {"action": "mismatch", "message": str(exc)}
-    decision = ctx.broadcast(decision)
-    if decision["action"] == "mismatch":
-        raise ResultMismatchError(decision["message"])
+    decision = _decide(path, header, _checkpoint_probe(problem, optimizer, seed), ctx)
     if decision["action"] == "skip":
-        done_summary = decision["summary"]
-        return TrialOutcome(path, str(done_summary["status"]), True, False, dict(done_summary))
+        summary = dict(decision["summary"])
+        return TrialOutcome(path, str(summary["status"]), True, False, summary)
 
-    seed_everything(seed)
-    model = problem.make_model(seed).to(device)
-    if ctx.rank:
-        # Independent dropout draws per rank; rank 0 keeps the one-process stream.
-        seed_everything(rank_seed(seed, ctx.rank))
-    net: nn.Module = model
-    if ctx.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    opt = optimizer.build(model.parameters())
-    spec = optimizer.spec
-    fault_hook = test_fault_hook()
-
-    records: list[dict[str, Any]] = [header]
-    first_epoch, step, wall_time, train_time, resumes = 1, 0, 0.0, 0.0, 0
-    resumed = False
-    if decision["action"] == "resume":
-        ckpt = decision["ckpt"]
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        rng_ranks = ckpt.get("rng_ranks")
-        _set_rng_state(rng_ranks[ctx.rank] if rng_ranks is not None else ckpt["rng"])
-        done = int(ckpt["epoch"])
-        first_epoch, step = done + 1, int(ckpt["step"])
-        wall_time, train_time = float(ckpt["wall_time"]), float(ckpt["train_time"])
-        resumes = int(ckpt["resumes"]) + 1
-        resumed = True
-        records = decision["records"]
-
-    def epoch_metrics() -> dict[str, float | None]:
-        if spec.train_eval:
-            opt.eval()  # type: ignore[attr-defined]
-        if ctx.enabled:
-            # Buffers (BatchNorm statistics) were last updated from each rank's own slice; every
-            # rank evaluates with rank 0's, as DDP trains with them.
-            ctx.broadcast_tensors_([b for b in model.buffers() if b.is_floating_point()])
-        v = evaluate(problem, model, valid, eval_batch_size, ctx)
-        t = evaluate(problem, model, test, eval_batch_size, ctx)
-        return {
-            "valid_loss": v["loss"], "valid_accuracy": v["accuracy"],
-            "test_loss": t["loss"], "test_accuracy": t["accuracy"],
-            **{f"valid_{k}": v.get(k) for k in problem.split_metric_names},
-            **{f"test_{k}": t.get(k) for k in problem.split_metric_names},
-        }
-
-    if not resumed:
-        t0 = time.perf_counter()
-        metrics = epoch_metrics()
-        wall_time += time.perf_counter() - t0
-        records.append({
-            "kind": "epoch", "epoch": 0, "step": 0, "train_loss": None, "train_accuracy": None,
-            **metrics, "wall_time": wall_time, "train_time": 0.0,
-        })
-        if ctx.is_main:
-            write_records(path, records)
-
+    trial = _Trial(problem, optimizer, seed, budget, lay, opts, ctx, hooks or TrialHooks(),
+                   path, device)
+    trial.start(header, decision)
     progress = _Progress(
-        total=budget.epochs * steps_per_epoch,
-        initial=(first_epoch - 1) * steps_per_epoch,
+        total=budget.epochs * lay.steps_per_epoch,
+        initial=(trial.first_epoch - 1) * lay.steps_per_epoch,
         desc=f"{problem.name}/{optimizer.label} seed {seed}",
         quiet=opts.quiet or not ctx.is_main,
     )
-    status, diverged_at = "finished", None
-    last_epoch = first_epoch - 1
     try:
-        for epoch in range(first_epoch, budget.epochs + 1):
-            t_epoch = time.perf_counter()
-            if spec.epoch_hook:
-                opt.start_epoch()  # type: ignore[attr-defined]
-            if spec.train_eval:
-                opt.train()  # type: ignore[attr-defined]
-            model.train()
-            order = epoch_order(n_train, seed, epoch, device)
-            # Augmentation draws from its own generator, re-seeded per epoch like the data order.
-            aug_seed = seed * 1_000_003 + epoch + 7_777_777
-            aug_gen = torch.Generator().manual_seed(
-                rank_seed(aug_seed, ctx.rank) if ctx.rank else aug_seed
-            )
-            log = _StepLog(opt, opts.log_interval, reduce=ctx.mean if ctx.enabled else None)
-            sums: dict[str, torch.Tensor] = {}
-            for b in range(steps_per_epoch):
-                if fault_hook is not None:
-                    fault_hook(ctx.rank, optimizer.label, step + 1)
-                idx = order[b * global_batch:(b + 1) * global_batch]
-                weight = 1.0
-                if ctx.enabled:
-                    # This rank's slice of the global batch. Only a last, incomplete batch
-                    # splits unevenly; its loss is weighted by the slice's share so that DDP's
-                    # gradient mean and BPGrad's loss mean are those of the whole batch.
-                    n_global = int(idx.shape[0])
-                    idx = idx[ctx.shard(n_global)]
-                    weight = idx.shape[0] * world / n_global
-                x, y = problem.augment(train.inputs[idx], aug_gen), train.targets[idx]
-                opt.zero_grad(set_to_none=True)
-                outputs = net(x)
-                loss = problem.loss(outputs, y)
-                if weight != 1.0:
-                    loss = loss * weight
-                loss.backward()
-                if spec.needs_loss:
-                    opt.step(loss=loss.detach())  # type: ignore[call-overload]
-                elif spec.needs_closure:
-                    value = float(loss.detach())  # ALI-G syncs for the value anyway
-                    opt.step(lambda value=value: value)  # type: ignore[misc]
-                else:
-                    opt.step()
-                step += 1
-                with torch.no_grad():
-                    for key, val in problem.batch_metrics(outputs.detach(), y).items():
-                        val = val.detach().to(torch.float64)
-                        sums[key] = sums[key] + val if key in sums else val
-                bad = log.record(step, loss.detach())
-                if bad is not None:
-                    status, diverged_at = "diverged", bad
-                    break
-                if log.just_flushed:
-                    progress.update(log.flushed_steps, loss=log.last_loss)
-            else:
-                bad = log.flush()
-                if bad is not None:
-                    status, diverged_at = "diverged", bad
-            progress.update(log.flushed_steps, loss=log.last_loss)
-            records.extend(log.records(epoch))
-            if status == "diverged":
-                train_time += time.perf_counter() - t_epoch
-                wall_time += time.perf_counter() - t_epoch
-                last_epoch = epoch
-                break
-            train_time += time.perf_counter() - t_epoch
-            if ctx.enabled:
-                sums = _reduce_sums(problem, sums, ctx, device)
-            count = float(sums["count"]) if "count" in sums else 0.0
-            train_loss = float(sums["loss_sum"]) / count if count else None
-            train_acc = (
-                float(sums["correct"]) / count
-                if count and problem.has_accuracy and "correct" in sums else None
-            )
-            metrics = epoch_metrics()
-            extra: dict[str, Any] = {}
-            if ctx.enabled:
-                extra["replica_spread"] = _replica_spread(model, ctx, optimizer.label, epoch)
-            wall_time += time.perf_counter() - t_epoch
-            records.append({
-                "kind": "epoch", "epoch": epoch, "step": step,
-                "train_loss": train_loss, "train_accuracy": train_acc, **metrics,
-                "wall_time": wall_time, "train_time": train_time, **extra,
-            })
-            progress.epoch_done(epoch, train_loss, metrics)
-            last_epoch = epoch
-            if ctx.is_main:
-                write_records(path, records)
-            if opts.checkpoint and epoch < budget.epochs:
-                # Saved in eval mode for Schedule-Free (epoch_metrics switched it), which is the
-                # mode its authors require for checkpoints; train() is called again on resume.
-                rng_ranks = ctx.gather_all(_rng_state()) if ctx.enabled else None
-                if ctx.is_main:
-                    _save_checkpoint(ckpt_path, {
-                        "epoch": epoch, "step": step, "wall_time": wall_time,
-                        "train_time": train_time, "resumes": resumes,
-                        "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "rng": _rng_state(),
-                        **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
-                    })
-            if train_loss is not None and not math.isfinite(train_loss):
-                # Non-finite metrics without a non-finite step loss (e.g. overflow in the sum).
-                status, diverged_at = "diverged", step
-                break
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
+        trial.epoch_loop(progress)
     finally:
         progress.close()
-
-    epoch_records = [r for r in records if r["kind"] == "epoch"]
-    final = {k: v for k, v in epoch_records[-1].items() if k not in ("kind",)}
-    summary: dict[str, Any] = {
-        "kind": "summary",
-        "status": status,
-        "epochs_completed": last_epoch if status == "finished" else last_epoch - 1,
-        "steps": step,
-        "final": final,
-        "wall_time": wall_time,
-        "train_time": train_time,
-        "diverged_at_step": diverged_at,
-        "resumes": resumes,
-        "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    records.append(summary)
-    if ctx.is_main:
-        write_records(path, records)
-        ckpt_path.unlink(missing_ok=True)
-    return TrialOutcome(path, status, False, resumed, summary)
+    summary = trial.finish()
+    return TrialOutcome(path, trial.status, False, trial.resumed, summary)
 
 
 def _replica_spread(model: nn.Module, ctx: DistContext, label: str, epoch: int) -> float:

@@ -28,9 +28,9 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         try:
             fetch(name, data_dir=args.data_dir, source=args.source, force=args.force,
                   log=lambda msg: print(msg, file=sys.stderr))
-        except DataError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
+        except DataError as exc:  # one line and exit 2, as every user error
+            print(f"bpgrad data fetch: error: {exc}", file=sys.stderr)
+            status = 2
     return status
 
 

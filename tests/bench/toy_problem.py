@@ -1,8 +1,9 @@
-"""A tiny synthetic problem for tests, smoke runs and the harness-overhead benchmark.
+"""A tiny synthetic problem for the harness's tests and the harness-overhead benchmark.
 
 ``toy_blobs`` is a 3-class Gaussian-blob classification in 16 dimensions with a small MLP that has
 dropout (so that resuming must restore the torch RNG to be exact). It needs no data files and a
-full epoch takes milliseconds. It is registered only when this module is imported, so it never
+full epoch takes milliseconds. It lives with the tests, not in the package: importing this module
+registers it (``bpgrad compare --import toy_problem`` with this folder on PYTHONPATH), so it never
 shows up among the real problems.
 """
 
