@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
+import bpgrad
 from bpgrad import BPGrad, MissingLossError
 from bpgrad.integrations.lightning import BPGradCallback
 
@@ -182,6 +183,9 @@ class ManualSetLoss(ManualClassifier):
         if self.how == "set_loss":
             opt.set_loss(loss)
             opt.step()
+        elif self.how == "bpgrad.set_loss":
+            bpgrad.set_loss(opt, loss)
+            opt.step()
         else:
             opt.step(loss=loss)
         opt.zero_grad()
@@ -191,7 +195,7 @@ class ManualSetLoss(ManualClassifier):
 # Without BPGradCallback, manual optimization passes the loss itself: LightningOptimizer.step
 # always hands BPGrad a closure that returns None, and BPGrad then takes the loss from loss= or
 # set_loss.
-@pytest.mark.parametrize("how", ["set_loss", "loss_kwarg"])
+@pytest.mark.parametrize("how", ["set_loss", "bpgrad.set_loss", "loss_kwarg"])
 def test_manual_optimization_without_callback(tmp_path: Path, how: str) -> None:
     model = ManualSetLoss(how)
     trainer = make_trainer(tmp_path, max_epochs=1, logger=False, callbacks=[])
@@ -221,3 +225,23 @@ def test_checkpoint_resume_continues_identically(tmp_path: Path) -> None:
     for key in ("steps", "running_min", "eta", "skipped_steps"):
         torch.testing.assert_close(a.stats[key], b.stats[key], atol=0, rtol=0)
     assert a.param_groups[0]["lr"] == b.param_groups[0]["lr"]
+
+
+class SelfContainedClassifier(Classifier):
+    """Brings its BPGradCallback along: no Trainer argument to forget."""
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [BPGradCallback()]
+
+
+@pytest.mark.parametrize("trainer_callbacks", [[], [BPGradCallback()]])
+def test_callback_from_configure_callbacks(tmp_path: Path, trainer_callbacks: list[Any]) -> None:
+    # A callback from configure_callbacks replaces a Trainer callback of the same type, so the
+    # loss is fed once whether or not the Trainer also has one.
+    model = SelfContainedClassifier()
+    trainer = make_trainer(tmp_path, max_epochs=2, accumulate_grad_batches=5, logger=False,
+                           callbacks=trainer_callbacks)
+    trainer.fit(model)
+    assert sum(isinstance(c, BPGradCallback) for c in trainer.callbacks) == 1
+    assert_same_training(model.net, trainer.optimizers[0],
+                         plain_loop(epochs=2, accum=5, scheduler=step_lr))
