@@ -8,12 +8,11 @@ a running Trainer to step; test_integration_lightning.py covers it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from integ_helpers import OPT_KWARGS, make_data, make_net
 from torch import nn
@@ -21,20 +20,6 @@ from torch import nn
 import bpgrad
 from bpgrad import BPGrad
 from bpgrad.integrations import LossHook, find_bpgrad, unwrap_bpgrad
-
-
-@pytest.fixture(scope="module")
-def gloo_group() -> Iterator[None]:
-    """A single-process gloo group, as ZeroRedundancyOptimizer needs one."""
-    if dist.is_initialized():  # another test module made one: share it
-        yield
-        return
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def one_step(opt: Any, net: nn.Module, feed: Callable[[Any, torch.Tensor], None]) -> None:

@@ -71,6 +71,14 @@ def find_bpgrad(optimizer: Any) -> BPGrad | None:
 
 def _check_supported(chain: list[Any]) -> None:
     for wrapper in chain:
+        if getattr(wrapper, "pullback_momentum", None) == "pullback":
+            # pytorch_optimizer.Lookahead interpolates the momentum buffers of its optimizer.
+            raise NotImplementedError(
+                f"{type(wrapper).__name__}(pullback_momentum=\"pullback\") interpolates BPGrad's "
+                f"momentum buffers, which BPGrad stores multiplied by the gradient norm of their "
+                f"latest step, so buffers of different scales would be mixed. Use "
+                f"pullback_momentum=\"none\" (the default) or \"reset\"."
+            )
         if type(wrapper).__name__ == "ZeroRedundancyOptimizer":
             world = int(getattr(wrapper, "world_size", 1))
             if world > 1:
@@ -91,7 +99,8 @@ def unwrap_bpgrad(optimizer: Any) -> BPGrad:
     Raises:
         TypeError: nothing in the chain of wrappers is a BPGrad.
         NotImplementedError: a ``ZeroRedundancyOptimizer`` over more than one rank (BPGrad
-            would see only its shard's gradient norm).
+            would see only its shard's gradient norm), or a Lookahead with
+            ``pullback_momentum="pullback"`` (it mixes BPGrad's norm-scaled momentum buffers).
     """
     chain = _unwrap_chain(optimizer)
     if not isinstance(chain[-1], BPGrad):
@@ -131,7 +140,8 @@ def set_loss(optimizer: Any, loss: torch.Tensor | float) -> None:
 
     Raises:
         TypeError: there is no BPGrad inside ``optimizer``.
-        NotImplementedError: ``optimizer`` is a ``ZeroRedundancyOptimizer`` over several ranks.
+        NotImplementedError: a wrapper BPGrad cannot work in: a ``ZeroRedundancyOptimizer``
+            over several ranks, a Lookahead with ``pullback_momentum="pullback"``.
     """
     unwrap_bpgrad(optimizer).set_loss(loss)
 
