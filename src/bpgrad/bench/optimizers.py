@@ -333,6 +333,8 @@ def _register_builtin() -> None:
     # runner's backward (read from the packages' sources: momo-opt 0.1.0 `step(closure=None,
     # loss=None)`, momsps 1.0.0 and sps-safe 1.0.0 `step(loss=None)`), so all are `needs_loss`.
     # Published defaults, except weight decay 5e-4 where the solver has one (the registry's rule).
+    # Resuming them from a checkpoint is not exact: the packages keep step counters and loss
+    # averages as Python attributes, outside state_dict().
     register_optimizer(OptimizerSpec(
         name="momo",
         description="MoMo (momo-opt): model-based Polyak step over EMAs, lr cap 1, beta 0.9, lb 0",

@@ -6,6 +6,10 @@ problem is one module that subclasses :class:`Problem` and calls :func:`register
 Conventions
 -----------
 * All data live in memory as tensors (every problem here fits: full MNIST is 47 MB as uint8).
+* Inputs are float tensors and targets class indices (int64) unless the task needs otherwise:
+  character codes as int64 inputs (``fortunes_lstm``), float regression targets
+  (``teacher_student``, ``quadratic_deep``-style), uint8 per-pixel label maps widened in ``loss``
+  (``mnist_canvas_fcn``). The runner only indexes them.
 * ``load`` returns train / valid / test splits. The validation split is carved from the training
   set with a seeded permutation (``validation_size`` examples), never from the test set, so that
   learning-rate selection can never see the test data. ``validation_size=0`` gives an empty one.
