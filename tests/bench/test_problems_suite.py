@@ -226,11 +226,16 @@ def test_segment_features_are_standardised_on_the_training_part(
 # takes a step on every problem family (driven as the runner drives it)
 
 
-@pytest.mark.parametrize("problem_name", NEW)
-def test_new_problems_take_a_step_with_every_new_optimizer(
+#: one problem per family: the new four, an image convnet and the noisy quadratic
+FAMILIES = [*NEW, "mnist_lenet", "quadratic_deep"]
+
+
+@pytest.mark.parametrize("problem_name", FAMILIES)
+def test_every_problem_family_takes_a_step_with_every_new_optimizer(
         problem_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     p = get_problem(problem_name)
-    s = p.load() if problem_name == "teacher_student" else load_fake(p, monkeypatch)
+    no_data = problem_name in ("teacher_student", "quadratic_deep")
+    s = p.load(validation_size=4) if no_data else load_fake(p, monkeypatch)
     x, y = s.train.inputs[:4], s.train.targets[:4]
     for opt_name in POLYAK:
         spec = get_optimizer_spec(opt_name)
