@@ -14,9 +14,13 @@ The update, per step :math:`t` (the official MatConvNet code's rule)::
     port style:       v = momentum v - eta_t d; p = p + v
 
 Three layers as in ``torch.optim``: the class validates and keeps state, :func:`bpgrad` dispatches,
-private kernels (loop / foreach / fused) update flat tensor lists with keyword-only scalars. Every
-per-step scalar (loss, norm, running min, step size) stays a 0-dim tensor on the parameters'
-device: ``step`` never reads a tensor's value on the host unless ``strict=True``.
+private kernels (loop / foreach / fused) update flat tensor lists with keyword-only scalars. The
+per-step scalars (loss, norm, running min, auto-L, step sizes) come from one rule written once in
+:mod:`bpgrad.optim._scalars`. On an accelerator they stay 0-dim tensors on the device (one
+compiled kernel on CUDA) and ``step`` never reads a tensor's value on the host unless
+``strict=True``. When every value already lives in CPU memory the rule runs on Python floats (a
+CPU value costs no synchronisation to read), and the fused step is ``_foreach_norm``, ``stack`` and
+``_fused_sgd_``: five dispatched operations per step where torch's fused SGD has three.
 
 Momentum buffers follow ``torch.optim.SGD``'s sign convention (``beta = -v``). For the matconvnet
 style the buffer is stored multiplied by the gradient norm of its latest step,
@@ -29,13 +33,17 @@ kernel runs in one pass and never touches ``p.grad``. Use :meth:`BPGrad.momentum
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from bpgrad.optim.distributed import reduce_loss, squared_norm
+from bpgrad.optim import _scalars
+from bpgrad.optim.distributed import _world_size, reduce_loss, squared_norm
 
 __all__ = ["BPGrad", "BPGradError", "MissingLossError", "bpgrad"]
 
@@ -46,15 +54,12 @@ MomentumStyle = Literal["matconvnet", "port"]
 # shape (the objective value, its running min, the gradient norm) are global, not per group.
 _GLOBAL_OPTIONS = (
     "objective", "loss_lower_bound", "distributed_loss", "eps", "strict", "auto_warmup",
-    "auto_warmup_decay",
+    "auto_warmup_decay", "maximize",
 )
 
 # Keys of the optimizer-wide state, kept in the state of the first parameter so that one
 # ``state_dict()`` (keyed by parameter index, as FSDP/DCP tools expect) restores everything.
-_GLOBAL_STATE_KEYS = (
-    "step", "skipped_steps", "running_min", "epoch_loss_sum", "epoch_loss_count", "buffer_scale",
-    "grad_norm_max", "lipschitz_floor", "lipschitz_estimate", "param_norm_init",
-)
+_GLOBAL_STATE_KEYS = _scalars.STATE_KEYS
 
 
 class BPGradError(RuntimeError):
@@ -125,11 +130,23 @@ class BPGrad(Optimizer):
         foreach, fused: kernel choice as in ``torch.optim`` (``None`` picks the fused kernel,
             ``torch._fused_sgd_``, for the matconvnet style on cpu/cuda/mps/xpu, else foreach;
             under ``torch.compile`` foreach, which inductor fuses). Per group.
+        maximize: ascend instead of descend, as in ``torch.optim``: the gradients are those of
+            an objective :math:`J` to maximise and the value passed as the loss is :math:`J`
+            itself. BPGrad then works on :math:`f = -J - f_{lb}` (``loss_lower_bound`` is a lower
+            bound of :math:`-J`, i.e. minus an upper bound of :math:`J`; the default 0 fits a
+            log-likelihood of discrete data), so the pruned ball and the target
+            :math:`\rho\, m_t` are those of :math:`-J`. Optimizer-wide.
         auto_warmup: :math:`\varepsilon \ge 0` of the ``"auto"`` warm-up floor (0 disables it).
         auto_warmup_decay: :math:`\gamma \in [0, 1)`, per-step decay of the warm-up floor.
         strict: check every step on the host and raise :class:`BPGradError` for a non-finite or
             negative loss, a non-finite gradient or a zero gradient norm. Costs one host sync per
             step; by default such steps are skipped on the device and counted instead.
+
+    Validation: every numeric option, given as a number or a 0-dim tensor, is checked at
+    construction and in :meth:`add_param_group` (NaN and infinities included) and a rejected group
+    leaves the optimizer exactly as it was. A tensor's value is read once there (one device
+    synchronisation), never in ``step``: ``lr`` and ``lipschitz`` stay tensors (a scheduler may
+    change them in place, unchecked), every other tensor option is stored as a Python number.
 
     Passing the loss (one of):
         * ``opt.step(closure)``: the closure re-evaluates the model, calls ``backward`` and
@@ -174,42 +191,60 @@ class BPGrad(Optimizer):
         distributed_loss: bool | Any = True,
         foreach: bool | None = None,
         fused: bool | None = None,
+        maximize: bool = False,
         strict: bool = False,
         auto_warmup: float = 1e-3,
         auto_warmup_decay: float = 0.95,
     ) -> None:
         defaults = dict(
             lipschitz=lipschitz, rho=rho, momentum=momentum, weight_decay=weight_decay, lr=lr,
-            momentum_style=momentum_style, foreach=foreach, fused=fused, objective=objective,
-            loss_lower_bound=loss_lower_bound, distributed_loss=distributed_loss, eps=eps,
-            strict=strict, auto_warmup=auto_warmup, auto_warmup_decay=auto_warmup_decay,
+            momentum_style=momentum_style, foreach=foreach, fused=fused, maximize=maximize,
+            objective=objective, loss_lower_bound=loss_lower_bound,
+            distributed_loss=distributed_loss, eps=eps, strict=strict, auto_warmup=auto_warmup,
+            auto_warmup_decay=auto_warmup_decay,
         )
-        _validate_group(defaults)
+        defaults.update(_validate_group(defaults))
         # A dict, mutated in place: torch.compile traces dict mutations inside a compiled step,
         # while rebinding an optimizer attribute there fails on some torch versions.
         self._pending: dict[str, torch.Tensor | float] = {}
-        self._last: dict[str, torch.Tensor] = {}
+        self._last: dict[str, Any] = {}
+        self._hyper_cache: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
+        self._host_views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; per-group options are validated, global ones must match group 0."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate_group(group)
-        first = self.param_groups[0]
-        for key in _GLOBAL_OPTIONS:
-            if group[key] != first[key]:
-                raise ValueError(
-                    f"BPGrad option {key!r} is optimizer-wide (it shapes the global objective or "
-                    f"gradient norm) and cannot differ between parameter groups: got "
-                    f"{group[key]!r}, group 0 has {first[key]!r}"
-                )
+        """Add a group after validating it; a rejected group leaves the optimizer unchanged.
+
+        Per-group options are checked like the constructor's (numbers and 0-dim tensors alike,
+        NaN refused; a tensor's value is read once, here); optimizer-wide options must match
+        group 0. Everything is checked before the group is appended.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        normalised = _validate_group(merged)
+        merged.update(normalised)
+        if self.param_groups:
+            first = self.param_groups[0]
+            for key in _GLOBAL_OPTIONS:
+                if not _same_option(merged[key], first[key]):
+                    raise ValueError(
+                        f"BPGrad option {key!r} is optimizer-wide (it shapes the global objective "
+                        f"or gradient norm) and cannot differ between parameter groups: got "
+                        f"{merged[key]!r}, group 0 has {first[key]!r}"
+                    )
+        param_group.update(normalised)
+        super().add_param_group(param_group)  # raises (duplicates, bad params) before appending
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("_last", {})
+        self.__dict__.setdefault("_hyper_cache", {})
+        self.__dict__.setdefault("_host_views", {})
+        _fill_group_defaults(self.param_groups, self.defaults)
+
 
     # ------------------------------------------------------------------ loss plumbing
     def set_loss(self, loss: torch.Tensor | float) -> None:
@@ -233,13 +268,26 @@ class BPGrad(Optimizer):
 
     @property
     def stats(self) -> dict[str, torch.Tensor]:
-        """0-dim tensors describing the last step (see the class docstring); no host sync."""
-        out = dict(self._last)
+        """0-dim tensors describing the last step (see the class docstring); no host sync.
+
+        On CPU the step computes its scalars as Python numbers; they become tensors here, when
+        read, so a step that nobody inspects pays nothing for them.
+        """
         state = self.state.get(self._anchor(), {})
+        like = state.get("running_min")
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self._last.items():
+            if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                out[key] = torch.stack(value)  # per-group values, stacked when read
+            elif isinstance(value, torch.Tensor) or like is None:
+                out[key] = value
+            else:
+                out[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
         for key in ("running_min", "step", "skipped_steps"):
             if key in state:
                 out["steps" if key == "step" else key] = state[key]
         return out
+
 
     def momentum_direction(self, param: torch.Tensor) -> torch.Tensor | None:
         """The momentum buffer of ``param`` as the paper's ``-v`` (``None`` before its first step).
@@ -375,210 +423,325 @@ class BPGrad(Optimizer):
         first = self.param_groups[0]
         fresh = "param_norm_init" not in self.state.get(self._anchor(), {})
         gstate = self._global_state()
+        like = gstate["running_min"]
         if fresh:
             # ||x_0|| for the auto-L warm-up floor, read once (on the device) at the first step.
             every = [p for group in self.param_groups for p in group["params"]]
-            gstate["param_norm_init"].copy_(
-                squared_norm([torch.view_as_real(p.detach()) if torch.is_complex(p)
-                              else p.detach() for p in every], gstate["running_min"].device,
-                             gstate["running_min"].dtype).sqrt())
-        like = gstate["running_min"]
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"BPGrad needs a scalar loss, got shape {tuple(loss.shape)}; reduce it "
-                    "(e.g. .mean()) before passing it"
-                )
-            f = loss.detach().reshape(()).to(device=like.device, dtype=like.dtype)
-        else:
-            f = _scalar(float(loss), like=like)
-        f = reduce_loss(f, first["distributed_loss"])
-        if first["loss_lower_bound"] != 0.0:
-            f = f - first["loss_lower_bound"]
-        if _host_readable(f):
-            value = float(f)
-            if math.isfinite(value) and value < 0.0:
-                raise ValueError(
-                    f"BPGrad assumes a non-negative loss but got {value:.6g} (after subtracting "
-                    f"loss_lower_bound={first['loss_lower_bound']}). Pass loss_lower_bound=<a "
-                    "known lower bound of your loss> so that BPGrad uses loss - lower_bound."
-                )
-
-        params_per_group: list[list[torch.Tensor]] = []
-        grads_per_group: list[list[torch.Tensor]] = []
-        bufs_per_group: list[list[torch.Tensor]] = []
-        idle_per_group: list[list[torch.Tensor]] = []
+            gstate["param_norm_init"].copy_(squared_norm(
+                [torch.view_as_real(p.detach()) if torch.is_complex(p) else p.detach()
+                 for p in every], like.device, like.dtype).sqrt())
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(
+                f"BPGrad needs a scalar loss, got shape {tuple(loss.shape)}; reduce it "
+                "(e.g. .mean()) before passing it"
+            )
+        groups = []
         all_grads: list[torch.Tensor] = []
         for group in self.param_groups:
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            bufs: list[torch.Tensor] = []
-            idle: list[torch.Tensor] = []
-            self._collect_group(group, params, grads, bufs, idle)
-            params_per_group.append(params)
-            grads_per_group.append(grads)
-            bufs_per_group.append(bufs)
-            idle_per_group.append(idle)
-            all_grads.extend(grads)
-
+            lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+            self._collect_group(group, *lists)
+            groups.append(lists)
+            all_grads.extend(lists[1])
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        norm = squared_norm(all_grads, like.device, like.dtype).sqrt()
-        if grad_scale is not None:
-            norm = norm / grad_scale.to(like.device, like.dtype)
-        norm = norm + first["eps"]
-        ok = torch.isfinite(f) & torch.isfinite(norm) & (norm > 0) & (f >= 0)
-        if found_inf is not None:
-            ok = ok & (found_inf.to(like.device) == 0)
-        if first["strict"] and not torch.compiler.is_compiling() and not bool(ok):
-            raise BPGradError(
-                f"BPGrad strict mode: refusing a step with loss={float(f):.6g} and gradient "
-                f"norm={float(norm):.6g} (need a finite loss >= 0 and a finite, non-zero norm)"
-            )
-
-        okf = ok.to(like.dtype)
-        if first["objective"] == "epoch_mean":
-            gstate["epoch_loss_sum"].add_(torch.where(ok, f, 0.0))
-            gstate["epoch_loss_count"].add_(okf)
-            objective = gstate["epoch_loss_sum"] / gstate["epoch_loss_count"].clamp(min=1.0)
+        cfg = _scalars.RuleConfig(
+            eps=float(first["eps"]), loss_lower_bound=float(first["loss_lower_bound"]),
+            maximize=bool(first["maximize"]),
+            epoch_mean=first["objective"] == "epoch_mean",
+            auto=any(isinstance(g["lipschitz"], str) for g in self.param_groups),
+            auto_warmup=float(first["auto_warmup"]),
+            auto_warmup_decay=float(first["auto_warmup_decay"]))
+        if self._host_path(like, loss, all_grads, grad_scale, found_inf):
+            out = self._host_scalars(cfg, loss, all_grads, gstate, grad_scale, found_inf)
         else:
-            objective = f
-        running_min = torch.where(ok, torch.minimum(gstate["running_min"], objective),
-                                  gstate["running_min"])
-        gstate["running_min"].copy_(running_min)
-        gstate["step"].add_(okf)
-        gstate["skipped_steps"].add_(1.0 - okf)
-        # matconvnet-style buffers are stored times the norm of their last step (see bpgrad());
-        # moving them to this step's norm is one multiplication.
-        rescale = torch.where(ok, norm / gstate["buffer_scale"], 1.0)
-        gstate["buffer_scale"].copy_(torch.where(ok, norm, gstate["buffer_scale"]))
-
-        # The estimate costs a few device ops per step: only groups with lipschitz="auto" pay.
-        uses_auto = any(isinstance(g["lipschitz"], str) for g in self.param_groups)
-        lipschitz_hat = (self._auto_lipschitz(gstate, ok=ok, norm=norm, objective=objective)
-                         if uses_auto else None)
-        etas = []
-        lipschitzes = []
-        for group, params, grads, bufs, idle in zip(
-            self.param_groups, params_per_group, grads_per_group, bufs_per_group,
-            idle_per_group, strict=True,
+            out = self._device_scalars(cfg, loss, all_grads, gstate, grad_scale, found_inf)
+        if out.ok is False:  # known on the host: nothing to update
+            return
+        for group, (params, grads, bufs, idle), eta, step in zip(
+            self.param_groups, groups, out.etas, out.steps, strict=True,
         ):
-            lr, lipschitz = group["lr"], group["lipschitz"]
-            if isinstance(lipschitz, str):  # "auto" (validated)
-                assert lipschitz_hat is not None
-                lipschitz = lipschitz_hat
-            lipschitzes.append(_scalar(lipschitz, like=like))
-            eta = (objective - group["rho"] * running_min)
-            if isinstance(lr, torch.Tensor) or isinstance(lipschitz, torch.Tensor):
-                eta = eta * _scalar(lr, like=like) / _scalar(lipschitz, like=like)
-            else:
-                eta = eta * (lr / lipschitz)
-            etas.append(eta)
             if not params and not idle:
                 continue
             bpgrad(
-                params, grads, bufs, eta=eta, grad_norm=norm, ok=ok, rescale=rescale,
-                grad_scale=grad_scale, weight_decay=group["weight_decay"],
+                params, grads, bufs, eta=eta, grad_norm=out.norm, ok=out.ok,
+                rescale=out.rescale, grad_scale=grad_scale, weight_decay=group["weight_decay"],
                 momentum=group["momentum"], momentum_style=group["momentum_style"],
                 foreach=group["foreach"], fused=group["fused"], idle_buffers=idle,
+                maximize=group["maximize"], _step=step, _skip=out.skip,
             )
+
+    @staticmethod
+    def _host_path(like: torch.Tensor, loss: torch.Tensor | float, grads: list[torch.Tensor],
+                   *amp: torch.Tensor | None) -> bool:
+        # Every value the scalar rule reads lives in CPU memory, so it is read directly (no device
+        # to wait for) and the rule runs on Python floats. Sharded (DTensor) gradients need a
+        # collective for their norm and take the tensor path.
+        if not _host_readable(like):
+            return False
+        if isinstance(loss, torch.Tensor) and loss.device.type != "cpu":
+            return False
+        if any(t is not None and t.device.type != "cpu" for t in amp):
+            return False
+        return all(type(g) is torch.Tensor and g.device.type == "cpu" for g in grads)
+
+    def _host_scalars(
+        self, cfg: _scalars.RuleConfig, loss: torch.Tensor | float, grads: list[torch.Tensor],
+        gstate: dict[str, torch.Tensor], grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> _scalars.RuleOutput[Any]:
+        first = self.param_groups[0]
+        like = gstate["running_min"]
+        setting = first["distributed_loss"]
+        if setting is not False and _world_size(None if setting is True else setting) > 1:
+            f = _read(reduce_loss(_scalar(loss, like=like), setting))
+        else:
+            # tolist() reads a CPU value without a dispatched operation (and, unlike float(),
+            # without a warning for a tensor that requires grad).
+            f = _read(loss) if isinstance(loss, torch.Tensor) else float(loss)
+        _check_loss_sign(f, cfg)
+        state = {key: _read(gstate[key]) for key in _scalars.STATE_KEYS}
+        out = _scalars.scalar_rule(
+            _scalars.FloatMath, cfg, loss=f, squared_norm=_host_squared_norm(grads, like.dtype),
+            state=state, lrs=[_host_value(g["lr"]) for g in self.param_groups],
+            lipschitzes=[None if isinstance(g["lipschitz"], str) else _host_value(g["lipschitz"])
+                         for g in self.param_groups],
+            rhos=[g["rho"] for g in self.param_groups],
+            grad_scale=None if grad_scale is None else _read(grad_scale),
+            found_inf=None if found_inf is None else _read(found_inf))
+        if first["strict"] and not out.ok:
+            raise BPGradError(
+                f"BPGrad strict mode: refusing a step with loss={out.loss:.6g} and gradient "
+                f"norm={out.norm:.6g} (need a finite loss >= 0 and a finite, non-zero norm)")
+        for key, value in out.state.items():
+            if value != state[key] or math.isnan(value) != math.isnan(state[key]):
+                self._host_view(key, gstate[key])[()] = value
+        self._last.clear()
+        self._last.update(
+            eta=out.etas[0], eta_groups=out.etas, grad_norm=out.norm, objective=out.objective,
+            loss=out.loss, lipschitz=out.lipschitzes[0], lipschitz_groups=out.lipschitzes)
+        return out
+
+    def _host_view(self, key: str, tensor: torch.Tensor) -> np.ndarray:
+        # A NumPy view of a 0-dim CPU state tensor, kept while the tensor is the same object
+        # (a loaded state dict brings new ones): a write through it dispatches no operation.
+        cached = self._host_views.get(key)
+        if cached is None or cached[0] is not tensor:
+            cached = self._host_views[key] = (tensor, tensor.numpy())
+        return cached[1]
+
+    def _device_scalars(
+        self, cfg: _scalars.RuleConfig, loss: torch.Tensor | float, grads: list[torch.Tensor],
+        gstate: dict[str, torch.Tensor], grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> _scalars.RuleOutput[Any]:
+        first = self.param_groups[0]
+        like = gstate["running_min"]
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().reshape(())
+        f = reduce_loss(_scalar(loss, like=like), first["distributed_loss"])
+        if _host_readable(f):  # e.g. DTensor parameters on the CPU
+            _check_loss_sign(_read(f), cfg)
+        if any(type(g) is not torch.Tensor for g in grads):  # sharded: needs a collective
+            norms = [squared_norm(grads, like.device, like.dtype).sqrt()]
+        else:
+            norms = _grad_norms(grads, like.device, like.dtype)
+        args = (
+            f, norms if norms else [torch.zeros_like(like)],
+            [gstate[key] for key in _scalars.STATE_KEYS],
+            [self._hyper(g["lr"], like) for g in self.param_groups],
+            [self._hyper(1.0 if isinstance(g["lipschitz"], str) else g["lipschitz"], like)
+             for g in self.param_groups],
+            [g["rho"] for g in self.param_groups],
+            [isinstance(g["lipschitz"], str) for g in self.param_groups],
+            None if grad_scale is None else grad_scale.to(like.device, like.dtype),
+            found_inf,
+        )
+        if torch.compiler.is_compiling():
+            values = _scalars._tensor_step(cfg, *args)  # traced into the caller's graph
+        else:
+            compile_cuda = like.is_cuda and _COMPILE_CUDA_SCALARS and _has_triton()
+            values = _scalars.device_rule(cfg, compile_cuda)(*args)
+        n = len(self.param_groups)
+        ok, norm, objective, f_used, rescale, skip = values[:6]
+        etas, lipschitzes, steps = values[6:6 + n], values[6 + n:6 + 2 * n], values[6 + 2 * n:]
+        if first["strict"] and not torch.compiler.is_compiling() and not bool(ok):
+            raise BPGradError(
+                f"BPGrad strict mode: refusing a step with loss={float(f_used):.6g} and gradient "
+                f"norm={float(norm):.6g} (need a finite loss >= 0 and a finite, non-zero norm)")
         # Updated in place: torch.compile replays in-place dict mutations reliably, while a
         # rebinding of an optimizer attribute inside a compiled step is not reflected outside.
         self._last.update(
-            eta=etas[0], eta_groups=torch.stack(etas), grad_norm=norm, objective=objective, loss=f,
-            lipschitz=lipschitzes[0], lipschitz_groups=torch.stack(lipschitzes),
-        )
+            eta=etas[0], eta_groups=etas, grad_norm=norm, objective=objective,
+            loss=f_used, lipschitz=lipschitzes[0], lipschitz_groups=lipschitzes)
+        return _scalars.RuleOutput(state={}, ok=ok, norm=norm, objective=objective, loss=f_used,
+                                   rescale=rescale, skip=skip, etas=etas,
+                                   lipschitzes=lipschitzes, steps=steps)
 
-    def _auto_lipschitz(
-        self, gstate: dict[str, torch.Tensor], *, ok: torch.Tensor, norm: torch.Tensor,
-        objective: torch.Tensor,
-    ) -> torch.Tensor:
-        r"""Update and return the online estimate :math:`\hat L_t` (``lipschitz="auto"``).
-
-        .. math::
-
-            M_t = \max(M_{t-1}, n_t), \qquad
-            W_t = W_0\,\gamma^{t}, \quad W_0 = \frac{F_0}{\varepsilon\,(1 + \|x_0\|)}, \qquad
-            \hat L_t = \max(M_t, W_t)
-
-        with :math:`n_t` this step's (global, unscaled, eps-free) gradient norm,
-        :math:`\varepsilon` = ``auto_warmup`` and :math:`\gamma` = ``auto_warmup_decay``. See
-        docs/lipschitz.md for the derivation. All on the device; skipped steps change nothing.
-        """
-        first = self.param_groups[0]
-        raw_norm = norm - first["eps"]
-        started = gstate["step"] > 1.0  # "step" already counts this step when ok
-        grad_norm_max = torch.where(ok, torch.maximum(gstate["grad_norm_max"], raw_norm),
-                                    gstate["grad_norm_max"])
-        if first["auto_warmup"] > 0.0:
-            w0 = objective / (first["auto_warmup"] * (1.0 + gstate["param_norm_init"]))
-            floor = torch.where(started, gstate["lipschitz_floor"] * first["auto_warmup_decay"],
-                                w0)
-            gstate["lipschitz_floor"].copy_(torch.where(ok, floor, gstate["lipschitz_floor"]))
-        estimate = torch.maximum(grad_norm_max, gstate["lipschitz_floor"])
-        gstate["grad_norm_max"].copy_(grad_norm_max)
-        gstate["lipschitz_estimate"].copy_(torch.where(ok, estimate, gstate["lipschitz_estimate"]))
-        return gstate["lipschitz_estimate"]
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    def number(name: str) -> float:
-        value = group[name]
+    def _hyper(self, value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # A per-group number as a device tensor, made once per value: a fresh torch.full every
+        # step would be one more kernel launch, and a changing Python constant would make the
+        # compiled rule recompile.
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"{name} must be a number or a 0-dim tensor")
-            return math.nan  # a tensor's value is not checked (it would cost a host sync)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        return float(value)
+            return value.reshape(()).to(device=like.device, dtype=like.dtype)
+        key = (float(value), like.device, like.dtype)
+        cached = self._hyper_cache.get(key)
+        if cached is None:
+            if len(self._hyper_cache) > 64:
+                self._hyper_cache.clear()
+            cached = self._hyper_cache[key] = torch.full((), key[0], device=like.device,
+                                                         dtype=like.dtype)
+        return cached
 
-    if isinstance(group["lipschitz"], str):
-        if group["lipschitz"] != "auto":
-            raise ValueError(
-                f"lipschitz must be a number, a 0-dim tensor or 'auto', got {group['lipschitz']!r}"
-            )
-    else:
-        lipschitz = number("lipschitz")
-        if not math.isnan(lipschitz) and not (lipschitz > 0 and math.isfinite(lipschitz)):
-            raise ValueError(f"lipschitz must be a finite number > 0, got {group['lipschitz']!r}")
-    warmup = number("auto_warmup")
-    if not (warmup >= 0.0 and math.isfinite(warmup)):
-        raise ValueError(f"auto_warmup must be a finite number >= 0, got {group['auto_warmup']!r}")
-    decay = number("auto_warmup_decay")
-    if not 0.0 <= decay < 1.0:
+
+# Compile the tensor rule for CUDA (one kernel instead of ~40 launches); off switch for debugging.
+_COMPILE_CUDA_SCALARS = os.environ.get("BPGRAD_COMPILE_SCALARS", "1") != "0"
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return bool(has_triton())
+
+
+def _check_loss_sign(value: float, cfg: _scalars.RuleConfig) -> None:
+    f = (-value if cfg.maximize else value) - cfg.loss_lower_bound
+    if math.isfinite(f) and f < 0.0:
+        given = "-objective" if cfg.maximize else "loss"
         raise ValueError(
-            f"auto_warmup_decay must lie in [0, 1), got {group['auto_warmup_decay']!r}"
+            f"BPGrad assumes a non-negative loss but got {given} - loss_lower_bound = {f:.6g} "
+            f"(loss_lower_bound={cfg.loss_lower_bound}). Pass loss_lower_bound=<a known lower "
+            f"bound of the {given}> so that BPGrad uses {given} - loss_lower_bound >= 0."
         )
-    rho = number("rho")
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho must lie in [0, 1), got {group['rho']!r}")
-    momentum = number("momentum")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must lie in [0, 1), got {group['momentum']!r}")
-    weight_decay = number("weight_decay")
-    if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}")
-    lr = number("lr")
-    if not math.isnan(lr) and not (lr >= 0.0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
-    eps = number("eps")
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {group['eps']!r}")
-    bound = number("loss_lower_bound")
-    if not math.isfinite(bound):
-        raise ValueError(f"loss_lower_bound must be finite, got {group['loss_lower_bound']!r}")
-    if group["objective"] not in ("minibatch", "epoch_mean"):
-        raise ValueError(
-            f"objective must be 'minibatch' or 'epoch_mean', got {group['objective']!r}"
-        )
-    if group["momentum_style"] not in ("matconvnet", "port"):
-        raise ValueError(
-            f"momentum_style must be 'matconvnet' or 'port', got {group['momentum_style']!r}"
-        )
+
+
+def _read(t: torch.Tensor) -> float:
+    # The value of a 0-dim CPU tensor; tolist() reads it without a dispatched operation.
+    return float(cast(float, t.tolist()))
+
+
+def _host_value(value: float | torch.Tensor) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _grad_norms(grads: list[torch.Tensor], device: torch.device,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    # One _foreach_norm per (device, dtype) bucket; a single bucket in every ordinary model.
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        buckets.setdefault((g.device, g.dtype), []).append(g)
+    norms: list[torch.Tensor] = []
+    for (dev, _), bucket in buckets.items():
+        part = torch._foreach_norm(bucket, 2, dtype=dtype)
+        norms.extend(part if dev == device else [n.to(device) for n in part])
+    return norms
+
+
+def _host_squared_norm(grads: list[torch.Tensor], dtype: torch.dtype) -> float:
+    # The per-tensor norms in one stacked tensor, summed in float64 on the host.
+    total = 0.0
+    for norms in _bucketed_norms(grads, dtype):
+        total += math.fsum(v * v for v in torch.stack(norms).tolist())
+    return total
+
+
+def _bucketed_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    buckets: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        buckets.setdefault(g.dtype, []).append(g)
+    return [list(torch._foreach_norm(b, 2, dtype=dtype)) for b in buckets.values()]
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return bool(a == b)
+
+
+def _fill_group_defaults(groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    # Groups saved before an option existed (checkpoints of older versions) take its default.
+    for group in groups:
+        for key, value in defaults.items():
+            group.setdefault(key, value)
+
+
+# Numeric options: the test each value must pass and how the message states the requirement.
+# NaN fails every test (all are comparisons). lr and lipschitz may stay 0-dim tensors (schedulers
+# and users change them on the device); every other option is stored as a Python number.
+_NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lipschitz": (lambda v: 0.0 < v < math.inf, "a finite number > 0 (or 'auto')"),
+    "lr": (lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
+    "rho": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "momentum": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "weight_decay": (lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
+    "eps": (lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
+    "loss_lower_bound": (lambda v: -math.inf < v < math.inf, "a finite number"),
+    "auto_warmup": (lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
+    "auto_warmup_decay": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+}
+_TENSOR_OPTIONS = ("lr", "lipschitz")
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "objective": ("minibatch", "epoch_mean"),
+    "momentum_style": ("matconvnet", "port"),
+    "foreach": (None, True, False),
+    "fused": (None, True, False),
+    "maximize": (True, False),
+    "strict": (True, False),
+}
+
+
+def _validate_group(group: dict[str, Any]) -> dict[str, Any]:
+    """Check every option of a group; return the values to store (tensors made numbers).
+
+    Numbers and 0-dim tensors are checked alike. A tensor's value is read once, here (one
+    device synchronisation at construction or ``add_param_group``, never in ``step``); ``lr``
+    and ``lipschitz`` tensors are kept as tensors, so a later in-place change of their value is
+    not checked.
+    """
+    normalised: dict[str, Any] = {}
+    for name, (valid, requirement) in _NUMERIC_RULES.items():
+        value = group[name]
+        if name == "lipschitz" and isinstance(value, str):
+            if value != "auto":
+                raise ValueError(f"lipschitz must be a number, a 0-dim tensor or 'auto', got "
+                                 f"{value!r}")
+            continue
+        number = _option_number(name, value)
+        if not valid(number):
+            raise ValueError(f"{name} must be {requirement}, got {_describe(value)}")
+        if isinstance(value, torch.Tensor) and name not in _TENSOR_OPTIONS:
+            normalised[name] = number
+    for name, choices in _CHOICES.items():
+        value = group[name]
+        if isinstance(value, torch.Tensor) or not any(
+                value is c or (isinstance(c, str) and value == c) for c in choices):
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got "
+                             f"{_describe(value)}")
     if group["fused"] and group["foreach"]:
         raise ValueError("fused=True and foreach=True cannot both be set")
     if group["fused"] and group["momentum_style"] == "port":
         raise ValueError("momentum_style='port' has no fused kernel; leave fused=None")
+    return normalised
+
+
+def _option_number(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a number or a 0-dim tensor, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real number, got a {value.dtype} tensor")
+        return float(value.detach().reshape(()).cpu())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_describe(value)}")
+    return float(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return f"tensor({float(value.detach().reshape(()).cpu())!r})"
+    return repr(value)
 
 
 # ---------------------------------------------------------------------- functional API + kernels
@@ -609,10 +772,10 @@ def bpgrad(
     grads: list[torch.Tensor],
     momentum_buffers: list[torch.Tensor],
     *,
-    eta: torch.Tensor,
-    grad_norm: torch.Tensor,
-    ok: torch.Tensor,
-    rescale: torch.Tensor,
+    eta: torch.Tensor | float,
+    grad_norm: torch.Tensor | float,
+    ok: torch.Tensor | bool,
+    rescale: torch.Tensor | float,
     weight_decay: float,
     momentum: float,
     momentum_style: MomentumStyle = "matconvnet",
@@ -620,11 +783,15 @@ def bpgrad(
     foreach: bool | None = None,
     fused: bool | None = None,
     idle_buffers: list[torch.Tensor] | None = None,
+    maximize: bool = False,
+    _step: torch.Tensor | float | None = None,
+    _skip: torch.Tensor | float | None = None,
 ) -> None:
     r"""Functional BPGrad update of one parameter group (the step size is already computed).
 
-    With :math:`S` the AMP gradient scale (1 without AMP), :math:`n` = ``grad_norm`` and
-    :math:`d = (g/S + \lambda p)/n` the paper's direction:
+    With :math:`S` the AMP gradient scale (1 without AMP), :math:`n` = ``grad_norm``,
+    :math:`\sigma = -1` when ``maximize`` (else 1) and :math:`d = (\sigma g/S + \lambda p)/n`
+    the paper's direction:
 
     * ``"matconvnet"`` style, :math:`\beta = \mu\beta + d,\ p \mathrel{-}= \eta\beta`. The
       buffer is stored as :math:`b = n\,\beta` (times the norm of its latest step), which
@@ -634,11 +801,16 @@ def bpgrad(
       only rescaled, so their :math:`\beta` stays as it was, as in ``torch.optim.SGD``.
     * ``"port"`` style, :math:`\beta = \mu\beta + \eta d,\ p \mathrel{-}= \beta`, stored as is.
 
-    (:math:`\beta = -v` of the paper's notation.) When ``ok`` is false nothing is changed.
+    (:math:`\beta = -v` of the paper's notation.) The scalars are 0-dim tensors (nothing is read
+    on the host; when ``ok`` is false nothing is changed) or, when their values are known on the
+    host, Python numbers with ``ok`` a ``bool`` (a skipped step then returns at once, and the
+    fused kernel folds ``rescale`` into its momentum argument: no extra pass over the buffers).
     ``momentum_buffers`` is empty when ``momentum == 0``. ``foreach``/``fused`` as in
     ``torch.optim``; ``None`` picks fused for the matconvnet style on cpu/cuda/mps/xpu,
     else foreach.
     """
+    if ok is False:
+        return
     idle = idle_buffers or []
     if fused is None and foreach is None:
         fused = _default_fused(params, momentum_style)
@@ -652,68 +824,119 @@ def bpgrad(
         kernel = _foreach_bpgrad
     else:
         kernel = _single_tensor_bpgrad
+    coefs = _Coefficients(eta=eta, grad_norm=grad_norm, ok=ok, rescale=rescale, momentum=momentum,
+                          grad_scale=grad_scale, maximize=maximize, step=_step, skip=_skip)
     if momentum_style == "matconvnet" and idle:
-        torch._foreach_mul_(idle, rescale.to(idle[0].device))
+        torch._foreach_mul_(idle, coefs.get("rescale", idle[0].device, idle[0].dtype))
     if params:
-        kernel(params, grads, momentum_buffers, eta=eta, grad_norm=grad_norm, ok=ok,
-               rescale=rescale, weight_decay=weight_decay, momentum=momentum,
-               momentum_style=momentum_style, grad_scale=grad_scale)
+        kernel(params, grads, momentum_buffers, coefs, weight_decay=weight_decay,
+               momentum=momentum, momentum_style=momentum_style, grad_scale=grad_scale,
+               maximize=maximize)
 
 
 class _Coefficients:
-    """The per-step scalars of one group, masked by ``ok`` so that a skipped step is a no-op."""
+    """The per-step scalars of one group, masked by ``ok`` so that a skipped step is a no-op.
 
-    def __init__(self, eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor,
-                 rescale: torch.Tensor, momentum: float, grad_scale: torch.Tensor | None) -> None:
-        zero = torch.zeros_like(grad_norm)
-        one = torch.ones_like(grad_norm)
-        inv_scale = one if grad_scale is None else 1.0 / grad_scale.to(grad_norm)
-        self.ok = ok
-        self.grad = torch.where(ok, inv_scale, zero)  # g -> g/S
-        self.step = torch.where(ok, eta / grad_norm, zero)  # matconvnet: p -= (eta/n) b
-        self.eta = torch.where(ok, eta, zero)
-        self.inv_norm = torch.where(ok, 1.0 / grad_norm, zero)
-        self.decay_momentum = torch.where(ok, torch.full_like(grad_norm, momentum) * rescale, one)
-        self.momentum = torch.where(ok, torch.full_like(grad_norm, momentum), one)
+    Python numbers when the values are known on the host (``ok`` is then ``True``: a skipped step
+    never reaches a kernel), else 0-dim tensors. Each is computed when a kernel first asks for
+    it, in the dtype and on the device it asks for, so a kernel pays only for what it reads.
+    """
 
-    def on(self, device: torch.device, dtype: torch.dtype) -> _Coefficients:
-        # Attributes listed explicitly: torch.compile (2.11) cannot trace vars(self).items().
-        out = object.__new__(_Coefficients)
-        out.ok = self.ok.to(device)
-        out.grad = self.grad.to(device, dtype)
-        out.step = self.step.to(device, dtype)
-        out.eta = self.eta.to(device, dtype)
-        out.inv_norm = self.inv_norm.to(device, dtype)
-        out.decay_momentum = self.decay_momentum.to(device, dtype)
-        out.momentum = self.momentum.to(device, dtype)
-        return out
+    def __init__(self, *, eta: Any, grad_norm: Any, ok: Any, rescale: Any, momentum: float,
+                 grad_scale: torch.Tensor | None, maximize: bool, step: Any, skip: Any) -> None:
+        self.host = isinstance(ok, bool)
+        self._eta, self._norm, self._ok, self._rescale = eta, grad_norm, ok, rescale
+        self._momentum, self._grad_scale = momentum, grad_scale
+        self._sign = -1.0 if maximize else 1.0
+        self._values: dict[str, Any] = {"ok": ok, "rescale": rescale}
+        if step is not None:
+            self._values["step"] = step
+        if skip is not None:
+            self._values["skip"] = skip
+        self._converted: dict[tuple[str, torch.device, torch.dtype | None], Any] = {}
+
+    def _compute(self, name: str) -> Any:
+        ok, norm, eta = self._ok, self._norm, self._eta
+        if self.host:  # ok is True here
+            scale = 1.0 if self._grad_scale is None else float(self._grad_scale.cpu().numpy())
+            return {
+                "grad": self._sign / scale,  # g -> sigma g/S
+                "step": eta / norm,  # matconvnet: p -= (eta/n) b
+                "eta": eta, "inv_norm": 1.0 / norm, "okf": 1.0, "skip": 0.0,
+                "decay_momentum": self._momentum * self._rescale, "momentum": self._momentum,
+            }[name]
+        okf = ok.to(norm.dtype)
+        if name == "grad":
+            inv = okf if self._grad_scale is None else okf / self._grad_scale.to(norm)
+            return inv * self._sign
+        if name == "step":
+            return torch.where(ok, eta / norm, 0.0)
+        if name == "eta":
+            return torch.where(ok, eta, 0.0)
+        if name == "inv_norm":
+            return torch.where(ok, 1.0 / norm, 0.0)
+        if name == "okf":
+            return okf
+        if name == "skip":
+            return 1.0 - okf
+        if name == "decay_momentum":
+            return torch.where(ok, self._rescale * self._momentum, 1.0)
+        if name == "momentum":
+            return torch.where(ok, torch.full_like(norm, self._momentum), 1.0)
+        raise KeyError(name)
+
+    def get(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        if name not in self._values:
+            self._values[name] = self._compute(name)
+        value = self._values[name]
+        if self.host:
+            return value
+        key = (name, device, dtype)
+        if key not in self._converted:
+            self._converted[key] = value.to(device=device, dtype=dtype or value.dtype)
+        return self._converted[key]
 
 
 def _single_tensor_bpgrad(
-    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *,
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, rescale: torch.Tensor,
-    weight_decay: float, momentum: float, momentum_style: MomentumStyle,
-    grad_scale: torch.Tensor | None,
+    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+    c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
+    grad_scale: torch.Tensor | None, maximize: bool,
 ) -> None:
-    coefs = _Coefficients(eta, grad_norm, ok, rescale, momentum, grad_scale)
+    del grad_scale, maximize  # folded into c's "grad" coefficient
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        c = coefs.on(p.device, p.dtype)
-        u = g.to(p.dtype) * c.grad  # g/S, or 0 on a skipped step
+        dev, dt = p.device, p.dtype
+        u = g.to(dt) * c.get("grad", dev, dt)  # sigma g/S, or 0 on a skipped step
         if weight_decay != 0.0:
             u.add_(p, alpha=weight_decay)
-        u = torch.where(c.ok, u, 0.0)  # a non-finite gradient must not leak into the state
+        if not c.host:
+            u = torch.where(c.get("ok", dev), u, 0.0)  # a non-finite gradient must not leak
         if momentum_style == "port":
-            d = u * c.inv_norm
+            d = u * c.get("inv_norm", dev, dt)
             if momentum == 0.0:
-                p.addcmul_(d, -c.eta)
+                _sub_scaled_(p, d, c.get("eta", dev, dt))
                 continue
-            bufs[i].mul_(c.momentum).addcmul_(d, c.eta)
-            p.addcmul_(bufs[i], -c.ok.to(p.dtype))
+            bufs[i].mul_(c.get("momentum", dev, dt)).add_(d * c.get("eta", dev, dt))
+            _sub_scaled_(p, bufs[i], c.get("okf", dev, dt))
         elif momentum == 0.0:
-            p.addcmul_(u, -c.step)
+            _sub_scaled_(p, u, c.get("step", dev, dt))
         else:
-            bufs[i].mul_(c.decay_momentum).add_(u)
-            p.addcmul_(bufs[i], -c.step)
+            bufs[i].mul_(c.get("decay_momentum", dev, dt)).add_(u)
+            _sub_scaled_(p, bufs[i], c.get("step", dev, dt))
+
+
+def _sub_scaled_(p: torch.Tensor, x: torch.Tensor, coef: torch.Tensor | float) -> None:
+    # p -= coef * x, without a temporary when coef is a host number.
+    if isinstance(coef, torch.Tensor):
+        p.addcmul_(x, coef, value=-1.0)
+    else:
+        p.add_(x, alpha=-coef)
+
+
+def _foreach_sub_scaled_(ps: list[torch.Tensor], xs: Any, coef: torch.Tensor | float) -> None:
+    if isinstance(coef, torch.Tensor):
+        torch._foreach_sub_(ps, torch._foreach_mul(xs, coef))
+    else:
+        torch._foreach_add_(ps, xs, alpha=-coef)
 
 
 def _device_groups(
@@ -729,55 +952,62 @@ def _device_groups(
 
 
 def _foreach_bpgrad(
-    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *,
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, rescale: torch.Tensor,
-    weight_decay: float, momentum: float, momentum_style: MomentumStyle,
-    grad_scale: torch.Tensor | None,
+    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+    c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
+    grad_scale: torch.Tensor | None, maximize: bool,
 ) -> None:
-    coefs = _Coefficients(eta, grad_norm, ok, rescale, momentum, grad_scale)
-    for (device, dtype), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
-        c = coefs.on(device, dtype)
-        u = torch._foreach_mul([g if g.dtype == dtype else g.to(dtype) for g in gs], c.grad)
+    del grad_scale, maximize  # folded into c's "grad" coefficient
+    for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
+        u = list(torch._foreach_mul([g if g.dtype == dt else g.to(dt) for g in gs],
+                               c.get("grad", dev, dt)))
         if weight_decay != 0.0:
             torch._foreach_add_(u, ps, alpha=weight_decay)
-        # There is no foreach `where`: one masked copy per tensor keeps a non-finite gradient
-        # out of the state on a skipped step (multiplying by 0 would turn inf into NaN).
-        u = tuple(torch.where(c.ok, t, 0.0) for t in u)
+        if not c.host:
+            # There is no foreach `where`: one masked copy per tensor keeps a non-finite gradient
+            # out of the state on a skipped step (multiplying by 0 would turn inf into NaN).
+            u = [torch.where(c.get("ok", dev), t, 0.0) for t in u]
         if momentum_style == "port":
-            torch._foreach_mul_(u, c.inv_norm)
+            torch._foreach_mul_(u, c.get("inv_norm", dev, dt))
             if momentum == 0.0:
-                torch._foreach_add_(ps, torch._foreach_mul(u, -c.eta))
+                _foreach_sub_scaled_(ps, u, c.get("eta", dev, dt))
                 continue
-            torch._foreach_mul_(bs, c.momentum)
-            torch._foreach_add_(bs, torch._foreach_mul(u, c.eta))
-            torch._foreach_add_(ps, torch._foreach_mul(bs, -c.ok.to(dtype)))
+            torch._foreach_mul_(bs, c.get("momentum", dev, dt))
+            torch._foreach_add_(bs, torch._foreach_mul(u, c.get("eta", dev, dt)))
+            _foreach_sub_scaled_(ps, bs, c.get("okf", dev, dt))
         elif momentum == 0.0:
-            torch._foreach_add_(ps, torch._foreach_mul(u, -c.step))
+            _foreach_sub_scaled_(ps, u, c.get("step", dev, dt))
         else:
-            torch._foreach_mul_(bs, c.decay_momentum)
+            torch._foreach_mul_(bs, c.get("decay_momentum", dev, dt))
             torch._foreach_add_(bs, u)
-            torch._foreach_add_(ps, torch._foreach_mul(bs, -c.step))
+            _foreach_sub_scaled_(ps, bs, c.get("step", dev, dt))
 
 
 def _fused_bpgrad(
-    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *,
-    eta: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, rescale: torch.Tensor,
-    weight_decay: float, momentum: float, momentum_style: MomentumStyle,
-    grad_scale: torch.Tensor | None,
+    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+    c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
+    grad_scale: torch.Tensor | None, maximize: bool,
 ) -> None:
     # torch._fused_sgd_ computes, in one pass, u = g/grad_scale + wd*p; buf = momentum*buf + u;
     # p -= lr*buf, and does nothing when found_inf != 0. With the buffer stored times the norm,
-    # that is BPGrad with lr = eta/n after the buffer has been moved to this step's norm.
+    # that is BPGrad with lr = eta/n after the buffer has been moved to this step's norm: on the
+    # host by passing momentum*rescale as the momentum (no extra pass), on a device by one
+    # multiplication of the buffers.
     del momentum_style  # always "matconvnet" here (checked by the dispatcher)
-    skip = (~ok).to(torch.float32)
-    lr = torch.where(ok, eta / grad_norm, 0.0)
-    for (device, _), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
+    for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
+        scale = None if grad_scale is None else grad_scale.to(dev, torch.float32)
+        if c.host:
+            torch._fused_sgd_(
+                ps, gs, bs if momentum != 0.0 else [], weight_decay=weight_decay,
+                momentum=c.get("decay_momentum", dev) if momentum != 0.0 else 0.0,
+                lr=c.get("step", dev), dampening=0.0, nesterov=False, maximize=maximize,
+                is_first_step=False, grad_scale=scale, found_inf=None)
+            continue
         if momentum != 0.0:
-            torch._foreach_mul_(bs, rescale.to(device, bs[0].dtype))
+            torch._foreach_mul_(bs, c.get("rescale", dev, bs[0].dtype))
         torch._fused_sgd_(
             ps, gs, bs if momentum != 0.0 else [], weight_decay=weight_decay, momentum=momentum,
             # CUDA's kernel reads lr as float32 (the CPU one in the params' dtype).
-            lr=lr.to(device, torch.float32 if device.type == "cuda" else lr.dtype), dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-            grad_scale=None if grad_scale is None else grad_scale.to(device, torch.float32),
-            found_inf=skip.to(device),
+            lr=c.get("step", dev, torch.float32 if dev.type == "cuda" else dt), dampening=0.0,
+            nesterov=False, maximize=maximize, is_first_step=False, grad_scale=scale,
+            found_inf=c.get("skip", dev, torch.float32),
         )
