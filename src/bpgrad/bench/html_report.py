@@ -163,7 +163,7 @@ def inline(text: str) -> str:
 
 
 def _table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    numeric = re.compile(r"^[-+]?[\d.]+( ± [\d.]+)?( \(\d+/\d+\))?$|^-$")
+    numeric = re.compile(r"^(?:[-+]?[\d.]+(?: ± [\d.]+)?|-)(?: \(\d+/\d+\))?$")
     head = "".join(f"<th>{inline(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f'<td class="{"num" if numeric.match(c) else "text"}">{inline(c)}</td>'

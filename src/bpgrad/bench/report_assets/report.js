@@ -333,6 +333,8 @@
     var at = hits.reduce(function (a, b) { return b.dist < a.dist ? b : a; }).s;
     var xStar = at.x[hits.filter(function (h) { return h.s === at; })[0].i];
     var gx = sx.map(xStar);
+    // Only the series with a point near the guide: a curve that ended earlier says nothing here.
+    hits = hits.filter(function (h) { return Math.abs(sx.map(h.s.x[h.i]) - gx) <= 20; });
     this.guide.setAttribute("x1", gx); this.guide.setAttribute("x2", gx);
     this.guide.setAttribute("visibility", "visible");
     while (this.dots.firstChild) this.dots.removeChild(this.dots.firstChild);
