@@ -21,6 +21,8 @@ def test_report_has_tables_plots_and_regenerating_command(tmp_path: Path) -> Non
     assert f"bpgrad report {run}" in text
     assert "| alpha | 2 | 0 | 85.00 ± 7.07 |" in text
     assert "beta@lr=0.01 (selected)" in text and "gamma`: 1 of 2 seed(s) diverged" in text
+    page = (run / "report.html").read_text()  # its content: test_report_html.py
+    assert page.startswith("<!DOCTYPE html>") and "| alpha |" not in page and "85.00 ± 7.07" in page
     for stem in ("train_loss", "test_error", "eta"):
         assert f"(plots/fixture_problem_{stem}.png)" in text
         for ext in ("png", "svg"):

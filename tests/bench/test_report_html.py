@@ -25,19 +25,26 @@ from typing import Any
 import pytest
 
 from bpgrad.bench.analysis import Curve, analyse
-from bpgrad.bench.html_report import chart_data, downsample, inline
-from bpgrad.bench.report import write_report
+from bpgrad.bench.html_report import chart_data, downsample, inline, write_html
+from bpgrad.bench.report import render_markdown, report_blocks
 
 RUN = Path(__file__).parent / "fixtures" / "run_small"
 LABELS = ["alpha", "beta@lr=0.01", "delta", "gamma"]  # selected rows, in table order
+
+
+def _write(run: Path) -> Path:
+    """report.md (without its matplotlib plots, which test_report.py covers) and report.html."""
+    an = analyse(run)
+    blocks = report_blocks(an)
+    (run / "report.md").write_text(render_markdown(blocks, lambda problem: []))
+    return write_html(run / "report.html", f"bpgrad comparison: {run.name}", blocks, an)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("html") / "run"
     shutil.copytree(RUN, run)
-    write_report(run)
-    return run / "report.html"
+    return _write(run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +146,7 @@ def test_embedded_data_round_trips_and_text_cannot_break_out(tmp_path: Path) -> 
         config = json.loads(lines[0])
         config["problem"]["description"] = evil
         path.write_text("\n".join([json.dumps(config), *lines[1:]]) + "\n")
-    write_report(run)
-    page = (run / "report.html").read_text()
+    page = _write(run).read_text()
     assert evil not in page and html.escape(evil, quote=False) in page
     blob = re.search(r'<script id="bpgrad-data" type="application/json">(.*?)</script>', page,
                      re.S)
