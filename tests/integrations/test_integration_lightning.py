@@ -6,6 +6,7 @@ is an import error, not a skip.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,36 @@ def test_callback_from_configure_callbacks(tmp_path: Path, trainer_callbacks: li
     assert sum(isinstance(c, BPGradCallback) for c in trainer.callbacks) == 1
     assert_same_training(model.net, trainer.optimizers[0],
                          plain_loop(epochs=2, accum=5, scheduler=step_lr))
+
+
+def clipping_warnings(tmp_path: Path, model: pl.LightningModule, **kwargs: Any) -> list[str]:
+    callback = BPGradCallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the same callback in a second fit: still one warning
+            make_trainer(tmp_path, max_steps=2, logger=False, callbacks=[callback],
+                         **kwargs).fit(model)
+    return [str(w.message) for w in caught if str(w.message).startswith("BPGradCallback")]
+
+
+class NoDecayClassifier(Classifier):
+    def configure_optimizers(self) -> Any:
+        return BPGrad(self.parameters(), lipschitz=20.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "algorithm", "expected"),
+    [(Classifier, "norm", "weight_decay > 0"),
+     (NoDecayClassifier, "value", "clipping by value"),
+     (NoDecayClassifier, "norm", None)],  # cancels out in BPGrad's normalisation: silent
+)
+def test_gradient_clipping_that_changes_bpgrads_step_warns_once(
+    tmp_path: Path, model: type[Classifier], algorithm: str, expected: str | None,
+) -> None:
+    messages = clipping_warnings(tmp_path, model(), gradient_clip_val=0.1,
+                                 gradient_clip_algorithm=algorithm)
+    if expected is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1, messages
+        assert expected in messages[0] and "Leave gradient_clip_val unset" in messages[0]

@@ -24,12 +24,19 @@ missing).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from bpgrad.integrations._core import DEFAULT_METRICS, LossHook, bpgrad_metrics, find_bpgrad
+from bpgrad.integrations._core import (
+    DEFAULT_METRICS,
+    LossHook,
+    _clipping_effects,
+    bpgrad_metrics,
+    find_bpgrad,
+)
 
 try:
     import lightning.pytorch as pl
@@ -41,6 +48,10 @@ __all__ = ["BPGradCallback"]
 
 class BPGradCallback(pl.Callback):
     """Feed BPGrad the loss of each optimizer step and log its step size.
+
+    Warns once (``UserWarning``) when the Trainer's ``gradient_clip_val`` changes BPGrad's step:
+    clipping by value always does; clipping by norm with weight decay, ``lipschitz="auto"`` or
+    ``eps > 0``.
 
     Args:
         log: log :func:`~bpgrad.integrations.bpgrad_metrics` with ``pl_module.log_dict`` after
@@ -65,6 +76,7 @@ class BPGradCallback(pl.Callback):
         self.hooks: list[LossHook] = []
         self._restored: list[dict[str, Any]] = []
         self._last_logged_step = -1
+        self._warned_clipping = False
 
     # ------------------------------------------------------------------ wiring
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -76,6 +88,27 @@ class BPGradCallback(pl.Callback):
             hook.load_state_dict(state)
         self._restored = []
         self._last_logged_step = trainer.global_step
+        self._check_clipping(trainer)
+
+    def _check_clipping(self, trainer: Any) -> None:
+        clip = getattr(trainer, "gradient_clip_val", None)
+        if not clip or not self.hooks or self._warned_clipping:
+            return
+        raw = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        algorithm = str(getattr(raw, "value", raw))  # an enum in Lightning 2.x
+        if algorithm == "value":
+            reasons = ["clipping by value changes the gradient's direction"]
+        else:
+            reasons = sorted({r for hook in self.hooks for r in _clipping_effects(hook.optimizer)})
+        if reasons:
+            self._warned_clipping = True
+            warnings.warn(
+                f"BPGradCallback: Trainer(gradient_clip_val={clip}, gradient_clip_algorithm="
+                f"{algorithm!r}) clips the gradient before BPGrad's step. BPGrad normalises the "
+                f"gradient itself, so clipping is redundant, but here it changes BPGrad's step: "
+                f"{'; '.join(reasons)}. Leave gradient_clip_val unset.",
+                UserWarning, stacklevel=2,
+            )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._remove_hooks()
