@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 SMALL = ["--problem", "toy_blobs", "--epochs", "2", "--quiet", "--threads", "1",
          "--import", "toy_problem"]
 FAULT = [str(HERE / "fault_entry.py")]
-VOLATILE = {"start_time", "end_time", "wall_time", "train_time"}
+VOLATILE = {"start_time", "end_time", "wall_time", "train_time", "git_commit"}
 
 
 def _run(args: list[str], *, env: dict[str, str] | None = None,

@@ -11,6 +11,7 @@ from toy_problem import ToyBlobs
 
 from bpgrad.bench.optimizers import resolve_optimizer
 from bpgrad.bench.results import (
+    SchemaError,
     checkpoint_path,
     parse_trial,
     read_records,
@@ -252,3 +253,67 @@ def test_peers_resume_exactly_from_weights_only_checkpoints(tmp_path: Path, prob
                         options=QUIET)
     assert resumed.resumed
     assert _series(resumed.path) == _series(ref.path)
+
+
+def test_eval_interval_adds_evaluations_inside_epochs_without_changing_training(
+        tmp_path: Path, problem, splits) -> None:
+    # toy_blobs: 12 steps per epoch. Every 5 steps: 5, 10 | 15, 20; 12 and 24 are epoch ends,
+    # evaluated by their epoch records and never twice.
+    opt = resolve_optimizer("adam")
+    plain = run_trial(problem, opt, 0, Budget(2), out=tmp_path / "plain", splits=splits,
+                      options=QUIET)
+    dense = run_trial(problem, opt, 0, Budget(2, eval_interval=5), out=tmp_path / "dense",
+                      splits=splits, options=QUIET)
+    records = read_records(dense.path)
+    validate_records(records)
+    assert records[0]["schema_version"] == 2 and records[0]["budget"]["eval_interval"] == 5
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(1, 5), (1, 10), (2, 15), (2, 20)]
+    for r in evals:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["valid_loss"] > 0
+        assert 0.0 <= r["train_time"] <= r["wall_time"]
+    trial = parse_trial(dense.path)
+    assert [e["step"] for e in trial.evaluations] == [0, 5, 10, 12, 15, 20, 24]
+    # Evaluating is read-only: the same steps, the same epoch metrics as without it.
+    assert _series(dense.path) == _series(plain.path)
+    # Its evaluation at step 12 is the epoch record's, as in the plain run.
+    assert trial.evaluations[3]["kind"] == "epoch"
+    # A file from before eval records (schema 1) still reads; schema 1 with eval records not.
+    old = [{**records[0], "schema_version": 1}] + [r for r in records[1:] if r["kind"] != "eval"]
+    assert parse_trial(dense.path, old).evals == []
+    with pytest.raises(SchemaError, match="eval records need schema_version 2"):
+        validate_records([{**records[0], "schema_version": 1}, *records[1:]])
+
+
+def test_eval_interval_resumes_exactly(tmp_path: Path, problem, splits) -> None:
+    opt, budget = resolve_optimizer("sgd"), Budget(3, eval_interval=7)
+    ref = run_trial(problem, opt, 4, budget, out=tmp_path / "ref", splits=splits, options=QUIET)
+
+    def kill(epoch: int) -> None:
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_trial(problem, opt, 4, budget, out=tmp_path / "cut", splits=splits, options=QUIET,
+                  hooks=TrialHooks(on_epoch_end=kill))
+    resumed = run_trial(problem, opt, 4, budget, out=tmp_path / "cut", splits=splits,
+                        options=QUIET)
+    assert resumed.resumed
+
+    def evals(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("wall_time", "train_time")}
+                for r in parse_trial(path).evals]
+
+    assert evals(resumed.path) == evals(ref.path) and len(evals(ref.path)) == 5
+    assert _series(resumed.path) == _series(ref.path)
+
+
+def test_a_stale_checkpoint_without_results_is_moved_aside(tmp_path: Path, problem,
+                                                           splits) -> None:
+    opt = resolve_optimizer("sgd")
+    path = tmp_path / "toy_blobs" / "sgd" / "seed_0.jsonl"
+    path.parent.mkdir(parents=True)
+    checkpoint_path(path).write_bytes(b"left over")
+    outcome = run_trial(problem, opt, 0, Budget(1), out=tmp_path, splits=splits, options=QUIET)
+    assert outcome.status == "finished" and not outcome.resumed
+    assert len(list(path.parent.glob("seed_0.ckpt.pt.orphan-*"))) == 1
