@@ -150,6 +150,9 @@ def test_no_bpgrad_inside_is_a_type_error_naming_the_chain() -> None:
     with pytest.raises(TypeError, match="LightningSGD -> SGD"):
         bpgrad.set_loss(lightning_wrap(net, sgd), 1.0)  # type: ignore[arg-type]
     assert find_bpgrad(sgd) is None
+    assert find_bpgrad(None) is None  # e.g. a Trainer before it built its optimizer
+    with pytest.raises(TypeError, match="no BPGrad in NoneType"):
+        bpgrad.set_loss(None, 1.0)
 
 
 def test_an_optimizer_class_attribute_is_not_followed() -> None:

@@ -41,18 +41,20 @@ def _looks_like_optimizer(obj: Any) -> bool:
 
 def _unwrap_chain(optimizer: Any) -> list[Any]:
     """``optimizer``, the object it wraps, the object that one wraps, ... (innermost last)."""
-    chain: list[Any] = []
-    seen: set[int] = set()
+    chain: list[Any] = [optimizer]  # also None: callers ask about a Trainer's optimizer early
+    seen: set[int] = {id(optimizer)}
     current = optimizer
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
+    while current is not None:
         # Look at the instance's own attributes, not isinstance: LightningOptimizer and Fabric's
         # wrapper subclass the wrapped optimizer's class (so they pass an isinstance check) but
         # are not the optimizer that keeps the state.
         attrs = vars(current) if hasattr(current, "__dict__") else {}
         current = next((attrs[a] for a in _WRAPPED_ATTRS if _looks_like_optimizer(attrs.get(a))),
                        None)
+        if current is None or id(current) in seen:
+            break
+        seen.add(id(current))
+        chain.append(current)
     return chain
 
 
