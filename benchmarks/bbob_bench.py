@@ -115,8 +115,18 @@ def pick(recs: list[dict[str, Any]], budget_mult: int) -> list[dict[str, Any]]:
     ]
 
 
+def common_problems(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the problems that every solver present has finished (a partial run's
+    table compares like with like)."""
+    solvers = {r["solver"] for r in recs}
+    if not solvers:
+        return []
+    keys = set.intersection(*({r["key"] for r in recs if r["solver"] == s} for s in solvers))
+    return [r for r in recs if r["key"] in keys]
+
+
 def summarize(recs: list[dict[str, Any]], dims: list[int], budget_mult: int) -> str:
-    recs = pick(recs, budget_mult)
+    recs = common_problems(pick(recs, budget_mult))
     solvers = [s for s in common.SOLVERS if any(r["solver"] == s for r in recs)]
     head = "| solver | " + " | ".join(f"d={d} area | d={d} solved" for d in dims) + " |"
     lines = [
@@ -167,7 +177,7 @@ def plot(recs: list[dict[str, Any]], dims: list[int], budget_mult: int, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = pick(recs, budget_mult)
+    recs = common_problems(pick(recs, budget_mult))
     solvers = [s for s in common.SOLVERS if any(r["solver"] == s for r in recs)]
     fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 4.2), sharey=True)
     axes = np.atleast_1d(axes)

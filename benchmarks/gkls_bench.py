@@ -133,14 +133,16 @@ def summarize(
         dist, rad = CLASSES[(diff, d)]
         for m in mults:
             b = m * d
-            cells, n_fun = [], 0
+            mine = [r for r in pick(recs, b) if r["difficulty"] == diff and r["dim"] == d]
+            # only the functions every solver has finished count, so all cells share one n
+            ks = set.intersection(*({r["k"] for r in mine if r["solver"] == s} for s in solvers))
+            n_fun = len(ks)
+            cells = []
             for s in solvers:
-                rs = [r for r in pick(recs, b) if r["solver"] == s and r["difficulty"] == diff
-                      and r["dim"] == d]
+                rs = [r for r in mine if r["solver"] == s and r["k"] in ks]
                 if not rs:
                     cells.append("-")
                     continue
-                n_fun = max(n_fun, len({r["k"] for r in rs}))
                 ok = [success(r, b, tol) for r in rs]
                 seeds = len({r["seed"] for r in rs})
                 # solved functions (a stochastic solver's count is the mean over its seeds)

@@ -75,7 +75,7 @@ def test_ecdf_area_equals_the_integral_of_the_curve() -> None:
 
 
 def _rec(solver: str, trace: list[tuple[int, float]], budget: int, **kw: object) -> dict:
-    return {"solver": solver, "trace": trace, "fstar": -1.0, "budget": budget, "dim": 2,
+    return {"solver": solver, "trace": trace, "fstar": -1.0, "budget": budget, "dim": 2, "key": "p",
             "seed": 0, "error": None, "wall_s": 0.0, **kw}
 
 
@@ -108,7 +108,12 @@ def test_gkls_table_bolds_bpgrad_only_when_it_matches_the_best_peer() -> None:
 
     text = gkls_bench.summarize(recs("bpgrad", 2) + recs("scipy direct", 3), [100])
     row = next(line for line in text.splitlines() if line.startswith("| simple d=2"))
-    assert row.endswith("| 2 | **3** |")
+    assert row.endswith("| 4 | 2 | **3** |")
+    # a solver that has finished only functions 1-2 restricts every cell to those two
+    partial = [r for r in recs("AdaLIPO+", 0) if r["k"] <= 2]
+    text = gkls_bench.summarize(recs("bpgrad", 2) + recs("scipy direct", 3) + partial, [100])
+    row = next(line for line in text.splitlines() if line.startswith("| simple d=2"))
+    assert row.endswith("| 2 | **2** | 0 | **2** |")  # columns: bpgrad, AdaLIPO+, direct
 
 
 def test_task_plan_and_cache_round_trip(tmp_path: Path) -> None:
@@ -148,6 +153,9 @@ def test_bbob_hits_per_pair_and_table() -> None:
     assert hits[:26] == [2.0] * 26 and hits[26:] == [None] * 25
     text = bbob_bench.summarize([r], [2], 10)
     assert f"| bpgrad | **{common.ecdf_area(hits, 10):.3f}** | 51 % |" in text
+    other = dict(r, key="f02", solver="scipy direct", trace=[])
+    assert bbob_bench.common_problems([r, other]) == []  # no problem finished by both
+    assert bbob_bench.common_problems([r, dict(other, key=r.get("key"))]) != []
 
 
 def test_gkls_classes_are_the_published_eight() -> None:
