@@ -146,3 +146,6 @@ def test_demo_config_is_the_paper_six_at_a_small_budget() -> None:
     assert cfg.problems == ["mnist_lenet"] and cfg.out == Path("runs/demo")
     assert cfg.optimizers == ["bpgrad", "sgd", "adam", "adagrad", "adadelta", "rmsprop"]
     assert cfg.epochs == 1 and cfg.limit_train_batches is not None
+    # Evaluations inside the epoch: the test-error curve has more than the two epoch points.
+    assert cfg.eval_interval is not None
+    assert cfg.limit_train_batches // cfg.eval_interval + 1 >= 4

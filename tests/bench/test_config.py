@@ -149,3 +149,9 @@ def test_bad_values_in_a_file_name_the_file_and_key(tmp_path: Path) -> None:
         config_from_mapping(load_toml(path), source=str(path))
     with pytest.raises(ConfigError, match="unknown key"):
         _from_toml("epoch = 3\n", tmp_path)
+
+
+def test_the_harness_docs_list_every_option() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "harness.md").read_text()
+    for f, _ in option_fields():
+        assert f"`{flag_of(f)}" in docs, f"docs/harness.md does not mention {flag_of(f)}"
