@@ -325,11 +325,15 @@ class BPGrad(Optimizer):
         state = self.state[anchor]
         # Per key, so that a checkpoint written before a key existed (e.g. the auto-L state)
         # still loads and starts that key fresh.
-        device, dtype = anchor.device, self._scalar_dtype()
+        # A number where a tensor belongs (a hand-made or foreign state dict, e.g. "step": 3)
+        # becomes a 0-dim tensor, as torch's own optimizers do on load.
         for key in _GLOBAL_STATE_KEYS:
-            if key not in state:
-                start = {"running_min": math.inf, "buffer_scale": 1.0}.get(key, 0.0)
-                state[key] = torch.full((), start, device=device, dtype=dtype)
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor):
+                if value is None:
+                    value = {"running_min": math.inf, "buffer_scale": 1.0}.get(key, 0.0)
+                state[key] = torch.full((), float(value), device=anchor.device,
+                                        dtype=self._scalar_dtype())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -982,6 +986,15 @@ def _foreach_bpgrad(
             _foreach_sub_scaled_(ps, bs, c.get("step", dev, dt))
 
 
+def _fused_layout_ok(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None) -> bool:
+    # Same strides everywhere and no gaps: dense in the default or a channels-last order.
+    if g.stride() != p.stride() or (buf is not None and buf.stride() != p.stride()):
+        return False
+    return bool(p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(
+        memory_format=torch.channels_last)) or (p.dim() == 5 and p.is_contiguous(
+            memory_format=torch.channels_last_3d)))
+
+
 def _fused_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
     c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
@@ -993,6 +1006,21 @@ def _fused_bpgrad(
     # host by passing momentum*rescale as the momentum (no extra pass), on a device by one
     # multiplication of the buffers.
     del momentum_style  # always "matconvnet" here (checked by the dispatcher)
+    odd = [i for i, (p, g) in enumerate(zip(params, grads, strict=True))
+           if not _fused_layout_ok(p, g, bufs[i] if bufs else None)]
+    if odd:
+        # torch._fused_sgd_ walks parameter, gradient and buffer as one flat range each, which is
+        # wrong when their strides differ or a parameter has gaps (a view such as w[:, ::2]):
+        # those tensors take the foreach kernel, which honours every layout.
+        pick = set(odd)
+        _foreach_bpgrad(
+            [params[i] for i in odd], [grads[i] for i in odd],
+            [bufs[i] for i in odd] if bufs else [], c, weight_decay=weight_decay,
+            momentum=momentum, momentum_style="matconvnet", grad_scale=grad_scale,
+            maximize=maximize)
+        params = [p for i, p in enumerate(params) if i not in pick]
+        grads = [g for i, g in enumerate(grads) if i not in pick]
+        bufs = [b for i, b in enumerate(bufs) if i not in pick]
     for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
         scale = None if grad_scale is None else grad_scale.to(dev, torch.float32)
         if c.host:
