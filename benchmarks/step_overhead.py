@@ -8,6 +8,9 @@ run are comparable), single thread by default, median of ``--steps`` timed steps
     python benchmarks/step_overhead.py --weight-decay 0    # the optimizer's default
     python benchmarks/step_overhead.py --compile           # also torch.compile(opt.step)
 
+``ops/step`` counts the ATen/custom operations one step dispatches (a ``TorchDispatchMode``;
+torch's record_function markers included, so torch's fused SGD counts 3).
+
 Parameter sets: the DeepOBS 2c2d network (3.27 M parameters, 8 tensors) and ResNet-18 (11.7 M,
 62 tensors), gradients present. The port's algorithm is re-implemented here from its description
 (per-parameter Python loop, host sync for the step size, weight decay added into ``p.grad``) for
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpgrad import BPGrad
 
@@ -86,6 +90,25 @@ def make_params(shapes: list[tuple[int, ...]], device: str) -> list[torch.Tensor
     return params
 
 
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(step: Callable[[], object]) -> int:
+    """ATen/custom operations one (warm) step dispatches, profiler markers included."""
+    step()
+    step()
+    with _CountOps() as counter:
+        step()
+    return counter.count
+
+
 def time_steps(step: Callable[[], object], device: str, warmup: int, steps: int) -> float:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -104,8 +127,10 @@ Factory = Callable[[list[torch.Tensor], float], Callable[[], object]]
 
 
 def _bpgrad(**kw: object) -> Factory:
+    kw.setdefault("lipschitz", 1e4)
+
     def make(params: list[torch.Tensor], wd: float) -> Callable[[], object]:
-        opt = BPGrad(params, lipschitz=1e4, weight_decay=wd, **kw)  # type: ignore[arg-type]
+        opt = BPGrad(params, weight_decay=wd, **kw)  # type: ignore[arg-type]
         loss = torch.tensor(1.5, device=params[0].device)
         return lambda: opt.step(loss=loss)
     return make
@@ -132,6 +157,7 @@ def _port(params: list[torch.Tensor], wd: float) -> Callable[[], object]:
 
 CANDIDATES: dict[str, Factory] = {
     "bpgrad default": _bpgrad(),
+    "bpgrad default, auto L": _bpgrad(lipschitz="auto"),
     "bpgrad fused": _bpgrad(fused=True),
     "bpgrad foreach": _bpgrad(foreach=True),
     "bpgrad loop": _bpgrad(foreach=False, fused=False),
@@ -154,13 +180,22 @@ def main() -> None:
                         help="also time torch.compile(opt.step) (inductor; slow to build)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; the reported time is the median over rounds")
+    parser.add_argument("--candidates", default="",
+                        help="comma-separated substrings: time only matching optimizers (torch's "
+                             "fused SGD, the reference, always runs)")
+    parser.add_argument("--sets", default="2c2d,ResNet-18", help="parameter sets to time")
     args = parser.parse_args()
+    wanted = [w for w in args.candidates.split(",") if w]
+    for label in list(CANDIDATES):
+        if wanted and label != "torch SGD(momentum) fused" and not any(w in label for w in wanted):
+            del CANDIDATES[label]
     torch.set_num_threads(args.threads)
     if args.compile:
         CANDIDATES["bpgrad compiled (inductor)"] = _bpgrad_compiled
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
           f"median of {args.steps} steps x {args.rounds} interleaved rounds")
-    for name, shapes in (("2c2d (DeepOBS)", shapes_2c2d()), ("ResNet-18", shapes_resnet18())):
+    sets = {"2c2d": ("2c2d (DeepOBS)", shapes_2c2d()), "ResNet-18": ("ResNet-18", shapes_resnet18())}
+    for name, shapes in (sets[key] for key in args.sets.split(",")):
         n = sum(torch.Size(s).numel() for s in shapes)
         results: dict[str, list[float]] = {}
         for _ in range(args.rounds):
@@ -170,13 +205,17 @@ def main() -> None:
                 results.setdefault(label, []).append(
                     time_steps(step, args.device, args.warmup, args.steps))
         med = {k: statistics.median(v) for k, v in results.items()}
+        ops = {label: dispatched_ops(factory(make_params(shapes, args.device), args.weight_decay))
+               for label, factory in CANDIDATES.items() if "compiled" not in label}
         floor = med["torch SGD(momentum) fused"]
         print(f"\n{name}: {n / 1e6:.2f} M parameters in {len(shapes)} tensors, "
               f"weight_decay={args.weight_decay}")
-        print(f"{'optimizer':32s} {'ms/step':>9s} {'x SGD fused':>12s}")
+        print(f"{'optimizer':32s} {'ms/step':>9s} {'x SGD fused':>12s} {'ops/step':>9s}")
         for label, sec in med.items():
-            print(f"{label:32s} {sec * 1e3:9.3f} {sec / floor:12.2f}")
-        print(f"port / bpgrad default: {med['dfw port algorithm'] / med['bpgrad default']:.2f}x")
+            print(f"{label:32s} {sec * 1e3:9.3f} {sec / floor:12.2f} {ops.get(label, '-'):>9}")
+        if "dfw port algorithm" in med and "bpgrad default" in med:
+            print(f"port / bpgrad default: "
+                  f"{med['dfw port algorithm'] / med['bpgrad default']:.2f}x")
 
 if __name__ == "__main__":
     main()
