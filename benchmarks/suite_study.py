@@ -114,15 +114,18 @@ def _mean_std(values: list[float]) -> str:
 
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    ranks: dict[str, list[float]] = {}
+    scores: dict[str, dict[str, float]] = {}  # problem -> LR-free label -> signed mean
     for problem in METRIC:
         finals = _finals(out, problem)
         if not finals:
             continue
         m = METRIC[problem]
-        seeds = sorted({s for per in finals.values() for s in per})
-        # only labels that finished every seed found for the problem are compared
-        complete = {lab: per for lab, per in finals.items() if sorted(per) == seeds}
+        # the seeds every variant found has finished (a run in progress adds seeds one by one);
+        # with none in common, the first seed and the variants that finished it
+        seeds = sorted(set.intersection(*(set(per) for per in finals.values())))
+        if not seeds:
+            seeds = [min(s for per in finals.values() for s in per)]
+        complete = {lab: per for lab, per in finals.items() if set(seeds) <= set(per)}
         sign = 1.0 if m.higher_is_better else -1.0
 
         def mean_of(lab: str, key: str, complete: dict[str, dict[int, dict[str, Any]]] = complete,
@@ -149,15 +152,18 @@ def report(args: argparse.Namespace) -> None:
                 hits = sum(_value(complete[lab][s], "valid_loss", False) < 1e-4 for s in seeds)
                 cell += f" | {hits}/{len(seeds)}"
             print(f"| {shown} | {cell} |")
-        present = [lab for lab in LR_FREE if lab in complete]
-        order = sorted(present, key=lambda lab: -sign * mean_of(lab, m.test))
-        for lab in present:  # ties share the mean of their positions
-            tied = [i for i, o in enumerate(order, 1)
-                    if mean_of(o, m.test) == mean_of(lab, m.test)]
-            ranks.setdefault(lab, []).append(statistics.fmean(tied))
-    if ranks:
-        n = max(len(v) for v in ranks.values())
-        print(f"\n#### Average rank among the learning-rate-free optimizers ({n} problems)\n")
+        scores[problem] = {lab: sign * mean_of(lab, m.test) for lab in LR_FREE if lab in complete}
+    # rank only the optimizers that have results on every problem, among themselves
+    common = [lab for lab in LR_FREE if all(lab in sc for sc in scores.values())]
+    ranks: dict[str, list[float]] = {lab: [] for lab in common}
+    for sc in scores.values():
+        for lab in common:  # 1 = best; ties share the mean of their positions
+            better = sum(sc[o] > sc[lab] for o in common)
+            equal = sum(sc[o] == sc[lab] for o in common)
+            ranks[lab].append(better + (equal + 1) / 2)
+    if common and scores:
+        print(f"\n#### Average rank among the learning-rate-free optimizers ({len(scores)} "
+              f"problems: {', '.join(scores)}; {len(common)} optimizers)\n")
         print("| optimizer | average rank | per problem |")
         print("|---|---|---|")
         for lab, r in sorted(ranks.items(), key=lambda kv: statistics.fmean(kv[1])):
