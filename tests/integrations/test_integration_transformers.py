@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from integ_helpers import OPT_KWARGS, assert_same_training, make_data, make_net, plain_loop
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from bpgrad import BPGrad
+import bpgrad
+from bpgrad import BPGrad, MissingLossError
 from bpgrad.integrations.transformers import BPGradTrainer
 
 
@@ -229,3 +231,30 @@ def test_trainer_is_silent_when_bpgrads_step_is_unchanged(tmp_path: Path) -> Non
     _, messages, _ = run(tmp_path / "c", max_grad_norm=0.0, lr_scheduler_type="linear",
                       scheduler=step_lr)  # the user's own scheduler is deliberate
     assert messages == []
+
+
+class SetLossTrainer(transformers.Trainer):
+    """The obvious hand-written glue: right without accumulation only (transformers.md)."""
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss: torch.Tensor = super().training_step(*args, **kwargs)
+        bpgrad.set_loss(self.optimizer, loss)  # self.optimizer: Accelerate's wrapper
+        return loss
+
+
+def test_training_step_override_with_bpgrad_set_loss_without_accumulation(tmp_path: Path) -> None:
+    model = Net()
+    opt = BPGrad(model.parameters(), **OPT_KWARGS)
+    SetLossTrainer(model=model, train_dataset=Rows(), optimizers=(opt, None),
+                   args=args(tmp_path, num_train_epochs=1, lr_scheduler_type="constant")).train()
+    assert_same_training(model.net, opt, plain_loop(epochs=1))
+
+
+def test_plain_trainer_fails_on_the_first_step(tmp_path: Path) -> None:
+    model = Net()
+    opt = BPGrad(model.parameters(), **OPT_KWARGS)
+    trainer = transformers.Trainer(model=model, train_dataset=Rows(), optimizers=(opt, None),
+                                   args=args(tmp_path, max_steps=2))
+    with pytest.raises(MissingLossError):
+        trainer.train()
+    assert "steps" not in opt.stats or float(opt.stats["steps"]) == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -200,3 +201,17 @@ def test_wrapped_bare_step_error_names_bpgrad_set_loss(client: str) -> None:
             return wrapped.step()
     with pytest.raises(MissingLossError, match=r"bpgrad\.set_loss\(optimizer, loss\)"):
         run()
+
+
+@needs_optimizer_change
+def test_obvious_set_loss_glue_with_accumulation_in_hf_training_step_warns(tmp_path: Any) -> None:
+    from test_integration_transformers import Net, Rows, SetLossTrainer, args
+
+    model = Net()
+    opt = BPGrad(model.parameters(), **OPT_KWARGS)
+    trainer = SetLossTrainer(model=model, train_dataset=Rows(), optimizers=(opt, None),
+                             args=args(tmp_path, max_steps=2, gradient_accumulation_steps=2,
+                                       lr_scheduler_type="constant"))
+    with recorded() as caught:
+        trainer.train()
+    assert len(bpgrad_warnings(caught, "LossHook")) == 1
