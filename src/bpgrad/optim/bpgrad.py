@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
@@ -210,7 +211,9 @@ class BPGrad(Optimizer):
         self._last: dict[str, Any] = {}
         self._hyper_cache: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
         self._host_views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+        self._warned_set_loss_twice = False
         super().__init__(params, defaults)
+        _warn_scaled_step(lr, lipschitz)
 
     # ------------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -243,6 +246,7 @@ class BPGrad(Optimizer):
         self.__dict__.setdefault("_last", {})
         self.__dict__.setdefault("_hyper_cache", {})
         self.__dict__.setdefault("_host_views", {})
+        self.__dict__.setdefault("_warned_set_loss_twice", False)
         _fill_group_defaults(self.param_groups, self.defaults)
 
 
@@ -253,6 +257,15 @@ class BPGrad(Optimizer):
         The value is consumed by the next step (so a stale loss is never reused) and is taken
         detached: BPGrad needs the value, not the graph.
         """
+        if "loss" in self._pending and not self.__dict__.get("_warned_set_loss_twice", False):
+            self._warned_set_loss_twice = True
+            warnings.warn(
+                "BPGrad.set_loss was called again before step(): the new loss replaces the "
+                "previous one, so under gradient accumulation BPGrad sees only the last "
+                "micro-batch's loss while the gradient is their sum. Add every micro-batch's "
+                "loss to a bpgrad.integrations.LossHook (hook.add(loss)), or pass the summed "
+                "loss once (set_loss / step(loss=...)). This warning is shown once.",
+                UserWarning, stacklevel=2)
         self._pending["loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def start_epoch(self) -> None:
@@ -417,7 +430,12 @@ class BPGrad(Optimizer):
             raise MissingLossError(
                 "BPGrad needs the loss value to set its step size. Call opt.step(closure) with a "
                 "closure that returns the loss, opt.step(loss=loss) after backward(), or "
-                "opt.set_loss(loss) before a trainer's bare opt.step() (see the BPGrad docstring)."
+                "opt.set_loss(loss) before a trainer's bare opt.step(). Through a wrapper "
+                "(Accelerate, Fabric, Lightning, ZeroRedundancyOptimizer, Lookahead, Ignite) "
+                "call bpgrad.set_loss(optimizer, loss); with gradient accumulation use "
+                "bpgrad.integrations.LossHook; in Lightning add "
+                "bpgrad.integrations.BPGradCallback, in HF Trainer use "
+                "bpgrad.integrations.BPGradTrainer (docs/integrations/index.md)."
             )
         with torch.no_grad():
             self._update(loss)
@@ -607,6 +625,19 @@ def _has_triton() -> bool:
     except ImportError:  # pragma: no cover - very old torch
         return False
     return bool(has_triton())
+
+
+def _warn_scaled_step(lr: float | torch.Tensor, lipschitz: Any) -> None:
+    # Wrappers that construct optimizers with their own default lr (skorch passes lr=0.01)
+    # silently scale every BPGrad step; say so once, at construction.
+    if isinstance(lr, torch.Tensor) or isinstance(lipschitz, (str, torch.Tensor)) or lr == 1.0:
+        return
+    warnings.warn(
+        f"BPGrad(lr={lr!r}) with lipschitz={lipschitz!r} multiplies every step by {lr!r}: it is "
+        f"the same as lipschitz={lipschitz / lr if lr else math.inf!r} with lr=1. If a wrapper "
+        "set lr for you (skorch passes its default lr=0.01: use optimizer__lr=1), pass lr=1 and "
+        "choose lipschitz instead. LR schedulers may change lr later without this warning.",
+        UserWarning, stacklevel=3)
 
 
 def _check_loss_sign(value: float, cfg: _scalars.RuleConfig) -> None:
