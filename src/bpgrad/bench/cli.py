@@ -344,7 +344,7 @@ def _finish(run_dir: Path, *, target: float | None, write: bool, quiet: bool) ->
         from bpgrad.bench.report import write_report
 
         path = write_report(run_dir, analysis=analysis)
-        print(f"report: {path}")
+        print(f"report: {path} and {path.with_name('report.html')}")
     return 0
 
 
