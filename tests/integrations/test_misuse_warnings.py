@@ -208,36 +208,6 @@ def test_obvious_set_loss_glue_with_accumulation_in_hf_training_step_warns(tmp_p
 
 
 # ---------------------------------------------------------------- ZeRO over several ranks
-def _zero_vs_ddp(rank: int, world: int, port: int, out: Any) -> None:
-    import os
-
-    import torch.distributed as dist
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        params = {}
-        for mode in ("ddp", "zero"):
-            net = make_net()
-            model = DistributedDataParallel(net)
-            opt: Any = (ZeroRedundancyOptimizer(model.parameters(), optimizer_class=BPGrad,
-                                                **OPT_KWARGS) if mode == "zero"
-                        else BPGrad(model.parameters(), **OPT_KWARGS))
-            for x, y in batches(*make_data())[rank::world]:
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step(loss=loss)
-                opt.zero_grad()
-            params[mode] = [p.detach().clone() for p in net.parameters()]
-        if rank == 0:
-            out.put(max(float((a - b).abs().max())
-                        for a, b in zip(params["ddp"], params["zero"], strict=True)))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @needs_optimizer_change
 def test_zero_redundancy_optimizer_over_two_ranks_equals_ddp() -> None:
@@ -254,5 +224,8 @@ def test_zero_redundancy_optimizer_over_two_ranks_equals_ddp() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    mp.spawn(_zero_vs_ddp, args=(2, port, out), nprocs=2, join=True)
+    # The worker lives in a small module: spawned processes import only torch and bpgrad.
+    from dist_workers import zero_vs_ddp
+
+    mp.spawn(zero_vs_ddp, args=(2, port, out), nprocs=2, join=True)
     assert out.get(timeout=5) < 1e-6
