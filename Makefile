@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,peers,integrations,fast]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,peers,integrations,fast,jax]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 venv: $(STAMP)
