@@ -134,25 +134,35 @@ def summarize(
         for m in mults:
             b = m * d
             mine = [r for r in pick(recs, b) if r["difficulty"] == diff and r["dim"] == d]
-            # only the functions every solver has finished count, so all cells share one n
-            ks = set.intersection(*({r["k"] for r in mine if r["solver"] == s} for s in solvers))
+            done = {s: {r["k"] for r in mine if r["solver"] == s} for s in solvers}
+            # the compared set: the functions that every solver with a full set has finished;
+            # a solver with fewer (a partial run) shows "solved/its n" and is not compared
+            most = max((len(v) for v in done.values()), default=0)
+            full = [s for s in solvers if done[s] and len(done[s]) == most]
+            ks = set.intersection(*(done[s] for s in full)) if full else set()
             n_fun = len(ks)
-            cells = []
+            cells, scores = [], []
             for s in solvers:
-                rs = [r for r in mine if r["solver"] == s and r["k"] in ks]
+                own = ks if s in full else done[s]
+                rs = [r for r in mine if r["solver"] == s and r["k"] in own]
                 if not rs:
                     cells.append("-")
+                    scores.append(None)
                     continue
                 ok = [success(r, b, tol) for r in rs]
                 seeds = len({r["seed"] for r in rs})
                 # solved functions (a stochastic solver's count is the mean over its seeds)
-                cells.append(f"{sum(ok) / seeds:.0f}" if seeds == 1 else f"{sum(ok) / seeds:.1f}")
+                v = sum(ok) / seeds
+                cell = f"{v:.0f}" if seeds == 1 else f"{v:.1f}"
+                cells.append(cell if s in full else f"{cell}/{len(own)}")
+                scores.append(v if s in full else None)
             best_peer = max(
-                (float(c) for s, c in zip(solvers, cells, strict=True)
-                 if not s.startswith("bpgrad") and c != "-"),
+                (v for s, v in zip(solvers, scores, strict=True)
+                 if not s.startswith("bpgrad") and v is not None),
                 default=float("nan"),
             )
-            cells = [f"**{c}**" if c != "-" and float(c) >= best_peer else c for c in cells]
+            cells = [f"**{c}**" if v is not None and v >= best_peer else c
+                     for c, v in zip(cells, scores, strict=True)]
             lines.append(
                 f"| {diff} d={d} ({dist}, {rad}) | {m}·d | {n_fun} | " + " | ".join(cells) + " |"
             )
