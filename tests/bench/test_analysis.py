@@ -109,3 +109,38 @@ def test_evaluations_inside_epochs_give_a_curve_over_steps(an) -> None:
     assert curve.mean == pytest.approx([0.9, 0.5, 0.12, 0.11])
     with pytest.raises(ValueError, match="x must be"):
         epoch_curves([dense], "test_error", x="time")
+
+
+def test_eval_records_of_a_real_run_are_curve_points() -> None:
+    # Committed result files of a real run with --eval-interval 20 (schema 2 `eval` records):
+    # every evaluation is a point, the axis is the step, seeds are averaged point by point.
+    import json
+    import statistics
+
+    from bpgrad.bench.analysis import evaluation_axis
+
+    real = Path(__file__).parent / "fixtures" / "run_mnist_eval"
+    an = analyse(real)
+    assert evaluation_axis(an.trials) == "step"
+    curves = {c.label: c for c in epoch_curves(an.trials, "test_error", x="step")}
+    assert len(curves) == 6
+    for label, curve in curves.items():
+        seeds = []
+        for path in sorted((real / "mnist_lenet" / label).glob("seed_*.jsonl")):
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            seeds.append({r["step"]: 1.0 - r["test_accuracy"] for r in records
+                          if r["kind"] in ("eval", "epoch")})
+        assert len(seeds) == 2 and curve.x == [0.0, 20.0, 40.0, 60.0, 80.0]
+        assert curve.mean == pytest.approx([statistics.mean(s[x] for s in seeds)
+                                            for x in curve.x])
+    # Steps to target are located to the evaluation, not to the epoch end.
+    target = 0.8
+    for row in analyse(real, target=target).rows:
+        firsts = []
+        for path in sorted((real / "mnist_lenet" / row.label).glob("seed_*.jsonl")):
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            firsts += [next((r["step"] for r in records if r["kind"] in ("eval", "epoch")
+                             and r["test_accuracy"] >= target), None)]
+        reached = [f for f in firsts if f is not None]
+        assert row.n_reached == len(reached)
+        assert row.steps_to_target.mean == (statistics.mean(reached) if reached else None)

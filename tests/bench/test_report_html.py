@@ -29,6 +29,7 @@ from bpgrad.bench.html_report import chart_data, downsample, inline, write_html
 from bpgrad.bench.report import render_markdown, report_blocks
 
 RUN = Path(__file__).parent / "fixtures" / "run_small"
+REAL_RUN = Path(__file__).parent / "fixtures" / "run_mnist_eval"
 LABELS = ["alpha", "beta@lr=0.01", "delta", "gamma"]  # selected rows, in table order
 
 
@@ -196,14 +197,15 @@ def _body(dom: str) -> dict[str, str]:
     return dict(re.findall(r'([\w-]+)="([^"]*)"', match.group(1)))
 
 
-def test_page_loads_without_errors_and_draws_every_optimizer(report: Path, tmp_path: Path
-                                                             ) -> None:
-    dom, log = dump_dom(report, tmp_path / "profile")
+def _assert_loads_and_draws_every_curve(report: Path, profile: Path) -> dict[str, Any]:
+    """Load ``report`` in chromium; no errors, and every series of every chart is a path."""
+    dom, log = dump_dom(report, profile)
     body = _body(dom)
     assert body.get("data-status") == "ready" and "data-js-errors" not in body, body
     assert '<pre id="js-errors" hidden=""></pre>' in dom
     assert [line for line in log.splitlines() if ":CONSOLE" in line] == []
-    charts = {c["id"]: c for c in chart_data(analyse(report.parent))["problems"][0]["charts"]}
+    data = chart_data(analyse(report.parent))
+    charts = {c["id"]: c for p in data["problems"] for c in p["charts"]}
     for ident, chart in charts.items():
         svg = re.search(rf'<svg [^>]*data-chart="{re.escape(ident)}"[^>]*>(.*?)</svg>', dom, re.S)
         assert svg is not None, ident
@@ -215,6 +217,27 @@ def test_page_loads_without_errors_and_draws_every_optimizer(report: Path, tmp_p
                            next(s for s in chart["series"] if s["label"] == label)["mean"])
             assert int(points) == expected and d.count("L") == expected - 1, (ident, label)
     assert body["data-curves"] == str(sum(len(c["series"]) for c in charts.values()))
+    return data
+
+
+def test_page_loads_without_errors_and_draws_every_optimizer(report: Path, tmp_path: Path
+                                                             ) -> None:
+    data = _assert_loads_and_draws_every_curve(report, tmp_path / "profile")
+    assert len(data["problems"][0]["charts"]) == 4
+
+
+def test_real_run_evaluated_inside_epochs(tmp_path: Path) -> None:
+    # A real run (committed result files): MNIST LeNet, the paper's six solvers, 2 seeds, 80
+    # steps with --eval-interval 20 (schema 2 eval records): test curves over steps, 5 points.
+    run = tmp_path / "run"
+    shutil.copytree(REAL_RUN, run)
+    data = _assert_loads_and_draws_every_curve(_write(run), tmp_path / "profile")
+    (problem,) = data["problems"]
+    assert problem["labels"] == ["bpgrad", "sgd", "adam", "adagrad", "adadelta", "rmsprop"]
+    error = next(c for c in problem["charts"] if c["metric"] == "test_error")
+    assert error["x_label"] == "step"
+    assert {tuple(s["x"]) for s in error["series"]} == {(0, 20, 40, 60, 80)}
+    assert all(s["n_seeds"] == 2 for s in error["series"])
 
 
 def test_a_script_error_is_caught_and_shown(report: Path, tmp_path: Path) -> None:

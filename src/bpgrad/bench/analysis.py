@@ -9,8 +9,9 @@ Definitions
 * *final* metrics are the last epoch's; *best test accuracy* is the maximum over epochs >= 1.
 * Statistics are over the seeds that **finished**; diverged seeds are counted, not averaged (their
   last metrics predate the divergence). ``std`` is the sample standard deviation (0 for one seed).
-* *Steps / time to target*: the first epoch whose test accuracy reaches the target (test loss at
-  or below it for problems without accuracy), as global step count and cumulative wall time.
+* *Steps / time to target*: the first evaluation (epoch end, or ``eval`` record with an
+  evaluation interval) whose test accuracy reaches the target (test loss at or below it for
+  problems without accuracy), as global step count and cumulative wall time.
   Averaged over the seeds that reached it. The default target is 95% of the best optimizer's mean
   final test accuracy (105% of the best mean final test loss), so it is always reachable by one.
 * *Selection* (learning-rate or any other sweep): among the variants of one optimizer on one
@@ -156,7 +157,9 @@ def _final(trial: Trial, key: str) -> float | None:
 
 
 def _reach(trial: Trial, target: float) -> tuple[float, float] | None:
-    for rec in trial.epochs:
+    # Every evaluation counts: with an evaluation interval the target is located to within
+    # that many steps rather than to within an epoch.
+    for rec in evaluations(trial):
         if trial.has_accuracy:
             value = rec.get("test_accuracy")
             hit = value is not None and value >= target

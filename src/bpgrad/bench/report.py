@@ -125,7 +125,7 @@ def _problem_blocks(an: Analysis, problem: str) -> list[Block]:
     out.append(Block("p", (
         "Mean ± sample std over the seeds that finished. *Final* = after the last epoch; "
         "*final train loss* = mean minibatch loss over the last epoch (train mode); *best "
-        "test acc* = best epoch. *Steps/time to target*: first epoch with "
+        "test acc* = best epoch. *Steps/time to target*: first evaluation with "
         + (f"{what} {'≥' if has_acc else '≤'} {target_value:.4g}"
            if target_value is not None else "the target")
         + " (reached by k of n seeds). Diverged seeds (non-finite loss) are counted, not "
