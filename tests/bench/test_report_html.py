@@ -172,10 +172,11 @@ def chromium() -> str:
     """The browser binary: $BPGRAD_CHROMIUM, else chromium on PATH (skip locally, fail in CI)."""
     found = os.environ.get("BPGRAD_CHROMIUM") or next(
         (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
-    if found:
+    if found and os.access(found, os.X_OK):
         return found
-    message = ("chromium not found: report.html is tested in a real headless browser; install "
-               "it with `apt-get install -y chromium` (.ci/run does) or set BPGRAD_CHROMIUM")
+    message = (f"chromium not found ({found or 'not on PATH'}): report.html is tested in a real "
+               "headless browser; install it with `apt-get install -y chromium` (.ci/run does) "
+               "or set BPGRAD_CHROMIUM")
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
