@@ -29,7 +29,7 @@ from bpgrad.bench.problems import get_problem
 from bpgrad.bench.runner import Budget, RunOptions, run_trial
 
 #: short budgets (epochs) sized for the shared 2-core CPU
-BUDGET = {"teacher_student": 60, "segment_mlp": 20, "fortunes_lstm": 1, "mnist_canvas_fcn": 1}
+BUDGET = {"teacher_student": 60, "segment_mlp": 20, "fortunes_lstm": 1, "mnist_canvas_fcn": 3}
 LR_FREE = ["bpgrad_auto", "prodigy", "dadapt_sgd", "dadapt_adam", "schedulefree_sgd",
            "schedulefree_adamw", "dog", "alig", "momo", "momo_adam", "momsps", "sps_safe"]
 GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {

@@ -12,8 +12,9 @@ obtainable offline here, so this problem keeps the task and the metric on real d
   of the digit that put the most ink there (class ``1 + digit``); every other pixel is background
   (class 0). 11 classes.
 * **Net.** A small fully-convolutional network in FCN's pattern (Long, Shelhamer, Darrell 2015):
-  two stride-2 convolutions down to 10x10, two learned stride-2 transposed convolutions back to
-  40x40 with skip connections added from the same resolutions, and a 1x1 classifier per pixel.
+  three stride-2 convolutions down to 5x5 (so that a unit sees a whole digit), three learned
+  stride-2 transposed convolutions back to 40x40 with skip connections added from the same
+  resolutions, and a 1x1 classifier per pixel.
 * **Loss** mean per-pixel cross-entropy. **Metric: mean IU** as FCN defines it (their
   ``score.py``): over the whole split accumulate the confusion counts per class ``c``; ``IU_c =
   TP_c / (TP_c + FP_c + FN_c)``; mean IU is the mean of ``IU_c`` over the classes with
@@ -104,14 +105,16 @@ def mean_iu(tp: CountsLike, fp: CountsLike, fn: CountsLike) -> float:
 
 
 class CanvasFCN(nn.Module):
-    """FCN-style encoder-decoder: 40 -> 20 -> 10 -> 20 -> 40 with additive skips."""
+    """FCN-style encoder-decoder: 40 -> 20 -> 10 -> 5 -> 10 -> 20 -> 40 with additive skips."""
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.down1 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
-        self.mid = nn.Conv2d(32, 32, 3, padding=1)
+        self.down3 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(64, 64, 3, padding=1)
+        self.up0 = nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1)
         self.up1 = nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1)
         self.up2 = nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1)
         self.classify = nn.Conv2d(16, num_classes, 1)
@@ -121,8 +124,10 @@ class CanvasFCN(nn.Module):
         relu = torch.relu
         f40 = relu(self.conv1(x))
         f20 = relu(self.down1(f40))
-        f10 = relu(self.mid(relu(self.down2(f20))))
-        u20 = relu(self.up1(f10) + f20)
+        f10 = relu(self.down2(f20))
+        f5 = relu(self.mid(relu(self.down3(f10))))  # 5x5: each unit sees a whole digit
+        u10 = relu(self.up0(f5) + f10)
+        u20 = relu(self.up1(u10) + f20)
         u40 = relu(self.up2(u20) + f40)
         out: torch.Tensor = self.classify(u40)
         return out
