@@ -23,10 +23,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
 
-# The data sets the real-data tests read (MNIST, Fashion-MNIST; sha256-verified, cached, a no-op
-# once cached), so that `make test` runs them as .ci/run does instead of skipping them.
+# The data sets the real-data tests read (MNIST, Fashion-MNIST, river's segment, fortunes;
+# sha256-verified, cached, a no-op once cached), so that `make test` runs them as .ci/run does.
 data: $(STAMP)
-	$(VENV)/bin/bpgrad data fetch mnist fashion_mnist
+	$(VENV)/bin/bpgrad data fetch mnist fashion_mnist river_segment fortunes
 
 pytest: $(STAMP) data
 	$(VENV)/bin/python -m pytest -q
