@@ -2,8 +2,8 @@
 
 One process, a gloo group, DDP around the model as in real use. ZeRO forwards ``step``'s
 keyword arguments to BPGrad, so ``zero.step(loss=loss)`` works; ``bpgrad.set_loss(zero, loss)``
-and ``LossHook(zero)`` find BPGrad in ``zero.optim``. Over several ranks each rank's BPGrad would
-see only its shard's gradient norm: refused (test_set_loss.py).
+and ``LossHook(zero)`` find BPGrad in ``zero.optim``. Over several ranks each rank's BPGrad holds a
+shard and sums the shards' gradient norms over ZeRO's group (test_misuse_warnings.py).
 """
 
 from __future__ import annotations

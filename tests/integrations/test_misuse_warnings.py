@@ -33,8 +33,6 @@ import bpgrad
 from bpgrad import BPGrad, MissingLossError
 from bpgrad.integrations import LossHook
 
-needs_optimizer_change = pytest.mark.xfail(
-    strict=True, reason="needs the optimizer to reduce its squared norm over the ZeRO group")
 
 @contextmanager
 def recorded() -> Iterator[list[warnings.WarningMessage]]:
@@ -209,12 +207,10 @@ def test_obvious_set_loss_glue_with_accumulation_in_hf_training_step_warns(tmp_p
 
 # ---------------------------------------------------------------- ZeRO over several ranks
 @pytest.mark.slow
-@needs_optimizer_change
 def test_zero_redundancy_optimizer_over_two_ranks_equals_ddp() -> None:
-    # Each rank's BPGrad holds a shard of the parameters and today normalises it by the shard's
-    # own gradient norm: 6 steps end 0.09 away from BPGrad under DDP, silently. The optimizer
-    # needs to reduce the squared norm over the ZeRO group (then flip this test on, and lift the
-    # refusal in bpgrad.integrations._core._check_supported).
+    # Each rank's BPGrad holds a shard of the parameters; it detects the enclosing ZeRO and sums
+    # its squared gradient norm over ZeRO's group (before: 6 steps ended 0.09 away from BPGrad
+    # under DDP, silently).
     import socket
 
     import torch.multiprocessing as mp

@@ -126,18 +126,24 @@ def test_zero_redundancy_optimizer(gloo_group: None) -> None:
         torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=1e-5)
 
 
-def test_zero_redundancy_optimizer_over_several_ranks_is_refused(gloo_group: None) -> None:
-    # Over N > 1 ranks each rank's BPGrad holds a shard of the parameters and would normalise by
-    # the shard's gradient norm: refused loudly. (world_size is forced: one process here.)
+def test_zero_detected_and_only_an_explicit_opt_out_is_refused(gloo_group: None) -> None:
+    # BPGrad built by ZeroRedundancyOptimizer picks up ZeRO's process group (so over N > 1
+    # ranks it sums the shards' gradient norms; the two-rank run is in test_misuse_warnings.py).
+    # Only shard_group=False over several ranks is refused. (world_size is forced: one process.)
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     net = make_net()
     zero = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=BPGrad, **OPT_KWARGS)
+    assert zero.optim.param_groups[0]["shard_group"] is zero.process_group
     zero.world_size = 2
-    with pytest.raises(NotImplementedError, match=r"shard.*DDP"):
-        bpgrad.set_loss(zero, torch.tensor(1.0))
+    bpgrad.set_loss(zero, torch.tensor(1.0))  # accepted
+    opted_out = ZeroRedundancyOptimizer(make_net().parameters(), optimizer_class=BPGrad,
+                                        shard_group=False, **OPT_KWARGS)
+    opted_out.world_size = 2
+    with pytest.raises(NotImplementedError, match="shard_group=False"):
+        bpgrad.set_loss(opted_out, torch.tensor(1.0))
     with pytest.raises(NotImplementedError, match="ZeroRedundancyOptimizer over 2 ranks"):
-        LossHook(zero)
+        LossHook(opted_out)
 
 
 def test_no_bpgrad_inside_is_a_type_error_naming_the_chain() -> None:

@@ -82,16 +82,15 @@ def _check_supported(chain: list[Any]) -> None:
                 f"pullback_momentum=\"none\" (the default) or \"reset\"."
             )
         if type(wrapper).__name__ == "ZeroRedundancyOptimizer":
+            inner = getattr(wrapper, "optim", None)
+            groups = getattr(inner, "param_groups", None) or [{}]
             world = int(getattr(wrapper, "world_size", 1))
-            if world > 1:
+            if world > 1 and groups[0].get("shard_group", True) is False:
                 raise NotImplementedError(
-                    f"BPGrad inside a ZeroRedundancyOptimizer over {world} ranks is not "
-                    f"supported: each rank's BPGrad holds a shard of the parameters and would "
-                    f"normalise that shard by its own gradient norm instead of the full "
-                    f"gradient's, so the steps would silently differ from BPGrad's. Use "
-                    f"BPGrad directly under DDP, or FSDP2's fully_shard (BPGrad reduces the "
-                    f"norm of sharded DTensor gradients). A single-rank ZeroRedundancyOptimizer "
-                    f"is fine."
+                    f"BPGrad inside a ZeroRedundancyOptimizer over {world} ranks was built with "
+                    f"shard_group=False: each rank's BPGrad holds a shard of the parameters and "
+                    f"would normalise it by the shard's own gradient norm. Leave shard_group at "
+                    f"its default (BPGrad then sums the norm over ZeRO's process group)."
                 )
 
 

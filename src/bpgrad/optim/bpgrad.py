@@ -35,12 +35,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from bpgrad.optim import _scalars
@@ -55,7 +58,7 @@ MomentumStyle = Literal["matconvnet", "port"]
 # shape (the objective value, its running min, the gradient norm) are global, not per group.
 _GLOBAL_OPTIONS = (
     "objective", "loss_lower_bound", "distributed_loss", "eps", "strict", "auto_warmup",
-    "auto_warmup_decay", "maximize",
+    "auto_warmup_decay", "maximize", "shard_group",
 )
 
 # Keys of the optimizer-wide state, kept in the state of the first parameter so that one
@@ -128,6 +131,14 @@ class BPGrad(Optimizer):
             ranks with one scalar all-reduce so every replica takes the same step (``True``, the
             default), keep the local loss (``False``; pass an already global loss), or a process
             group to reduce over.
+        shard_group: this optimizer holds only a shard of the model's parameters, the rest being
+            held by the other ranks of a process group, as inside
+            ``torch.distributed.optim.ZeroRedundancyOptimizer``: ``True`` (the default group) or
+            a process group. The squared gradient norm (and :math:`\|x_0\|` for ``"auto"``) is
+            then summed over the group with one scalar all-reduce, so every rank steps with the
+            norm of the whole model's gradient. ``None`` (default): detect the enclosing
+            ``ZeroRedundancyOptimizer`` and use its group, else the parameters are the whole
+            model (DDP replicas, one process; DTensor shards are handled anyway). ``False``: never.
         foreach, fused: kernel choice as in ``torch.optim`` (``None`` picks the fused kernel,
             ``torch._fused_sgd_``, for the matconvnet style on cpu/cuda/mps/xpu, else foreach;
             under ``torch.compile`` foreach, which inductor fuses). Per group.
@@ -190,6 +201,7 @@ class BPGrad(Optimizer):
         eps: float = 0.0,
         loss_lower_bound: float = 0.0,
         distributed_loss: bool | Any = True,
+        shard_group: bool | Any | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         maximize: bool = False,
@@ -201,10 +213,13 @@ class BPGrad(Optimizer):
             lipschitz=lipschitz, rho=rho, momentum=momentum, weight_decay=weight_decay, lr=lr,
             momentum_style=momentum_style, foreach=foreach, fused=fused, maximize=maximize,
             objective=objective, loss_lower_bound=loss_lower_bound,
-            distributed_loss=distributed_loss, eps=eps, strict=strict, auto_warmup=auto_warmup,
+            distributed_loss=distributed_loss, shard_group=shard_group, eps=eps, strict=strict,
+            auto_warmup=auto_warmup,
             auto_warmup_decay=auto_warmup_decay,
         )
         defaults.update(_validate_group(defaults))
+        if shard_group is None:
+            defaults["shard_group"] = _enclosing_zero_group()
         # A dict, mutated in place: torch.compile traces dict mutations inside a compiled step,
         # while rebinding an optimizer attribute there fails on some torch versions.
         self._pending: dict[str, torch.Tensor | float] = {}
@@ -368,29 +383,56 @@ class BPGrad(Optimizer):
     def _collect_group(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
         bufs: list[torch.Tensor], idle_bufs: list[torch.Tensor],
-    ) -> None:
-        def real(t: torch.Tensor) -> torch.Tensor:
-            # The norm of the real view equals the complex norm and the update is linear, so
-            # complex parameters are updated through their real views.
-            return torch.view_as_real(t) if torch.is_complex(t) else t
+    ) -> _Facts:
+        """Gather the group's tensors in one pass and note what the kernels would check each.
 
+        Complex parameters are updated through their real views: the norm of the real view
+        equals the complex norm and the update is linear.
+        """
         with_momentum = group["momentum"] != 0.0
+        state = self.state
+        facts = _Facts()
+        first: torch.Tensor | None = None
+        first_dtype: torch.dtype | None = None
         for p in group["params"]:
-            state = self.state.get(p, {}) if with_momentum else {}
-            buf = state.get("momentum_buffer")
-            if p.grad is None:
+            g = p.grad
+            # One lookup: hashing a tensor runs Python code.
+            p_state = state.get(p) if with_momentum else None
+            buf = p_state.get("momentum_buffer") if p_state else None
+            if g is None:
                 if buf is not None:
-                    idle_bufs.append(real(buf))
+                    idle_bufs.append(torch.view_as_real(buf) if buf.is_complex() else buf)
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise BPGradError("BPGrad does not support sparse gradients; use dense ones")
-            params.append(real(p))
-            grads.append(real(p.grad))
-            if with_momentum:
-                if buf is None:
-                    buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    self.state[p]["momentum_buffer"] = buf
-                bufs.append(real(buf))
+            if with_momentum and buf is None:
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[p]["momentum_buffer"] = buf
+            if p.is_complex():
+                p, g = torch.view_as_real(p), torch.view_as_real(g)
+                buf = None if buf is None else torch.view_as_real(buf)
+            params.append(p)
+            grads.append(g)
+            if buf is not None:
+                bufs.append(buf)
+            # One dtype and device for all (the kernels then need no bucketing), every tensor
+            # contiguous (no layout for _fused_sgd_ to get wrong), plain CPU tensors (the
+            # scalar rule may read them on the host). Each check is a cheap attribute read.
+            dtype = p.dtype
+            if first is None:
+                first, first_dtype = p, dtype
+                facts.plain_cpu = p.is_cpu and dtype.is_floating_point
+            elif facts.uniform and (dtype is not first_dtype or p.is_cpu != first.is_cpu or (
+                    not first.is_cpu and p.device != first.device)):
+                facts.uniform = False
+            if facts.uniform and g.dtype is not dtype:
+                facts.uniform = False
+            if facts.dense and not (p.is_contiguous() and g.is_contiguous()
+                                    and (buf is None or buf.is_contiguous())):
+                facts.dense = False
+            if facts.plain_cpu and not (type(g) is torch.Tensor and g.is_cpu):
+                facts.plain_cpu = False  # a sharded DTensor gradient, or another device
+        return facts
 
     def step(  # type: ignore[override]
         self,
@@ -449,19 +491,23 @@ class BPGrad(Optimizer):
         if fresh:
             # ||x_0|| for the auto-L warm-up floor, read once (on the device) at the first step.
             every = [p for group in self.param_groups for p in group["params"]]
-            gstate["param_norm_init"].copy_(squared_norm(
+            squares = squared_norm(
                 [torch.view_as_real(p.detach()) if torch.is_complex(p) else p.detach()
-                 for p in every], like.device, like.dtype).sqrt())
+                 for p in every], like.device, like.dtype)
+            group = _shard_group(first)
+            gstate["param_norm_init"].copy_(
+                (squares if group is None else _sum_over(squares, group)).sqrt())
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(
                 f"BPGrad needs a scalar loss, got shape {tuple(loss.shape)}; reduce it "
                 "(e.g. .mean()) before passing it"
             )
         groups = []
+        facts = []
         all_grads: list[torch.Tensor] = []
         for group in self.param_groups:
             lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])
-            self._collect_group(group, *lists)
+            facts.append(self._collect_group(group, *lists))
             groups.append(lists)
             all_grads.extend(lists[1])
         grad_scale = getattr(self, "grad_scale", None)
@@ -473,14 +519,14 @@ class BPGrad(Optimizer):
             auto=any(isinstance(g["lipschitz"], str) for g in self.param_groups),
             auto_warmup=float(first["auto_warmup"]),
             auto_warmup_decay=float(first["auto_warmup_decay"]))
-        if self._host_path(like, loss, all_grads, grad_scale, found_inf):
+        if self._host_path(like, loss, facts, grad_scale, found_inf):
             out = self._host_scalars(cfg, loss, all_grads, gstate, grad_scale, found_inf)
         else:
             out = self._device_scalars(cfg, loss, all_grads, gstate, grad_scale, found_inf)
         if out.ok is False:  # known on the host: nothing to update
             return
-        for group, (params, grads, bufs, idle), eta, step in zip(
-            self.param_groups, groups, out.etas, out.steps, strict=True,
+        for group, (params, grads, bufs, idle), fact, eta, step in zip(
+            self.param_groups, groups, facts, out.etas, out.steps, strict=True,
         ):
             if not params and not idle:
                 continue
@@ -489,11 +535,11 @@ class BPGrad(Optimizer):
                 rescale=out.rescale, grad_scale=grad_scale, weight_decay=group["weight_decay"],
                 momentum=group["momentum"], momentum_style=group["momentum_style"],
                 foreach=group["foreach"], fused=group["fused"], idle_buffers=idle,
-                maximize=group["maximize"], _step=step, _skip=out.skip,
+                maximize=group["maximize"], _step=step, _skip=out.skip, _facts=fact,
             )
 
     @staticmethod
-    def _host_path(like: torch.Tensor, loss: torch.Tensor | float, grads: list[torch.Tensor],
+    def _host_path(like: torch.Tensor, loss: torch.Tensor | float, facts: list[_Facts],
                    *amp: torch.Tensor | None) -> bool:
         # Every value the scalar rule reads lives in CPU memory, so it is read directly (no device
         # to wait for) and the rule runs on Python floats. Sharded (DTensor) gradients need a
@@ -504,7 +550,7 @@ class BPGrad(Optimizer):
             return False
         if any(t is not None and t.device.type != "cpu" for t in amp):
             return False
-        return all(type(g) is torch.Tensor and g.device.type == "cpu" for g in grads)
+        return all(f.plain_cpu for f in facts)
 
     def _host_scalars(
         self, cfg: _scalars.RuleConfig, loss: torch.Tensor | float, grads: list[torch.Tensor],
@@ -522,8 +568,12 @@ class BPGrad(Optimizer):
             f = _read(loss) if isinstance(loss, torch.Tensor) else float(loss)
         _check_loss_sign(f, cfg)
         state = {key: _read(gstate[key]) for key in _scalars.STATE_KEYS}
+        squared = _host_squared_norm(grads, like.dtype)
+        group = _shard_group(first)
+        if group is not None:
+            squared = _read(_sum_over(torch.tensor(squared, dtype=torch.float64), group))
         out = _scalars.scalar_rule(
-            _scalars.FloatMath, cfg, loss=f, squared_norm=_host_squared_norm(grads, like.dtype),
+            _scalars.FloatMath, cfg, loss=f, squared_norm=squared,
             state=state, lrs=[_host_value(g["lr"]) for g in self.param_groups],
             lipschitzes=[None if isinstance(g["lipschitz"], str) else _host_value(g["lipschitz"])
                          for g in self.param_groups],
@@ -563,7 +613,10 @@ class BPGrad(Optimizer):
         f = reduce_loss(_scalar(loss, like=like), first["distributed_loss"])
         if _host_readable(f):  # e.g. DTensor parameters on the CPU
             _check_loss_sign(_read(f), cfg)
-        if any(type(g) is not torch.Tensor for g in grads):  # sharded: needs a collective
+        group = _shard_group(first)
+        if group is not None:  # this rank holds a shard of the model: sum over the group
+            norms = [_sum_over(squared_norm(grads, like.device, like.dtype), group).sqrt()]
+        elif any(type(g) is not torch.Tensor for g in grads):  # DTensor: needs a collective
             norms = [squared_norm(grads, like.device, like.dtype).sqrt()]
         else:
             norms = _grad_norms(grads, like.device, like.dtype)
@@ -649,6 +702,36 @@ def _check_loss_sign(value: float, cfg: _scalars.RuleConfig) -> None:
             f"(loss_lower_bound={cfg.loss_lower_bound}). Pass loss_lower_bound=<a known lower "
             f"bound of the {given}> so that BPGrad uses {given} - loss_lower_bound >= 0."
         )
+
+
+def _enclosing_zero_group() -> Any:
+    # ZeroRedundancyOptimizer builds each rank's local optimizer inside its own __init__, over
+    # that rank's shard of the parameters and after setting its process group: found there, the
+    # group is the one to sum the gradient norm over. False when BPGrad is built elsewhere.
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "ZeroRedundancyOptimizer":
+            return getattr(owner, "process_group", None) or True
+        frame = frame.f_back
+    return False
+
+
+def _shard_group(first: dict[str, Any]) -> Any:
+    # The process group over which the parameters are sharded, or None (also for one rank).
+    setting = first["shard_group"]
+    if setting is False or setting is None:
+        return None
+    group = None if setting is True else setting
+    return (group if group is not None else dist.group.WORLD) if _world_size(group) > 1 else None
+
+
+def _sum_over(value: torch.Tensor, group: Any) -> torch.Tensor:
+    out = value.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
 
 
 def _read(t: torch.Tensor) -> float:
@@ -821,6 +904,7 @@ def bpgrad(
     maximize: bool = False,
     _step: torch.Tensor | float | None = None,
     _skip: torch.Tensor | float | None = None,
+    _facts: _Facts | None = None,
 ) -> None:
     r"""Functional BPGrad update of one parameter group (the step size is already computed).
 
@@ -847,11 +931,14 @@ def bpgrad(
     if ok is False:
         return
     idle = idle_buffers or []
+    facts = _facts or _Facts.of(params, grads, momentum_buffers)
     if fused is None and foreach is None:
-        fused = _default_fused(params, momentum_style)
+        fused = momentum_style == "matconvnet" and (
+            (facts.plain_cpu and not torch.compiler.is_compiling())
+            or _default_fused(params, momentum_style))
         foreach = not fused
     if fused:
-        if momentum_style != "matconvnet" or not _fused_supported(params):
+        if momentum_style != "matconvnet" or not (facts.plain_cpu or _fused_supported(params)):
             raise BPGradError("the fused BPGrad kernel needs momentum_style='matconvnet' and "
                               "floating-point params on cpu/cuda/mps/xpu; pass fused=False")
         kernel = _fused_bpgrad
@@ -866,7 +953,29 @@ def bpgrad(
     if params:
         kernel(params, grads, momentum_buffers, coefs, weight_decay=weight_decay,
                momentum=momentum, momentum_style=momentum_style, grad_scale=grad_scale,
-               maximize=maximize)
+               maximize=maximize, facts=facts)
+
+
+class _Facts:
+    """What the kernels would otherwise check tensor by tensor, gathered in one pass."""
+
+    __slots__ = ("dense", "plain_cpu", "uniform")
+
+    def __init__(self, uniform: bool = True, dense: bool = True, plain_cpu: bool = False) -> None:
+        self.uniform = uniform  # one device and dtype for params and grads
+        self.dense = dense  # every param, grad and buffer contiguous
+        self.plain_cpu = plain_cpu  # plain floating-point CPU tensors (not DTensor)
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor], grads: list[torch.Tensor],
+           bufs: list[torch.Tensor]) -> _Facts:
+        keys = {(t.device, t.dtype) for t in (*params, *grads)}
+        return cls(
+            uniform=len(keys) <= 1,
+            dense=all(t.is_contiguous() for t in (*params, *grads, *bufs)),
+            plain_cpu=bool(params) and all(
+                type(t) is torch.Tensor and t.is_cpu and t.dtype.is_floating_point
+                for t in (*params, *grads)))
 
 
 class _Coefficients:
@@ -935,9 +1044,9 @@ class _Coefficients:
 def _single_tensor_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
     c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
-    grad_scale: torch.Tensor | None, maximize: bool,
+    grad_scale: torch.Tensor | None, maximize: bool, facts: _Facts | None = None,
 ) -> None:
-    del grad_scale, maximize  # folded into c's "grad" coefficient
+    del grad_scale, maximize, facts  # folded into c's "grad" coefficient; no bucketing here
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         dev, dt = p.device, p.dtype
         u = g.to(dt) * c.get("grad", dev, dt)  # sigma g/S, or 0 on a skipped step
@@ -975,8 +1084,10 @@ def _foreach_sub_scaled_(ps: list[torch.Tensor], xs: Any, coef: torch.Tensor | f
 
 
 def _device_groups(
-    *lists: list[torch.Tensor],
+    *lists: list[torch.Tensor], facts: _Facts | None = None,
 ) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], ...]]:
+    if facts is not None and facts.uniform and lists[0]:
+        return {(lists[0][0].device, lists[0][0].dtype): lists}
     out: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], ...]] = {}
     for i, p in enumerate(lists[0]):
         bucket = out.setdefault((p.device, p.dtype), tuple([] for _ in lists))
@@ -989,10 +1100,10 @@ def _device_groups(
 def _foreach_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
     c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
-    grad_scale: torch.Tensor | None, maximize: bool,
+    grad_scale: torch.Tensor | None, maximize: bool, facts: _Facts | None = None,
 ) -> None:
     del grad_scale, maximize  # folded into c's "grad" coefficient
-    for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
+    for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs, facts=facts).items():
         u = list(torch._foreach_mul([g if g.dtype == dt else g.to(dt) for g in gs],
                                c.get("grad", dev, dt)))
         if weight_decay != 0.0:
@@ -1029,7 +1140,7 @@ def _fused_layout_ok(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None)
 def _fused_bpgrad(
     params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
     c: _Coefficients, *, weight_decay: float, momentum: float, momentum_style: MomentumStyle,
-    grad_scale: torch.Tensor | None, maximize: bool,
+    grad_scale: torch.Tensor | None, maximize: bool, facts: _Facts | None = None,
 ) -> None:
     # torch._fused_sgd_ computes, in one pass, u = g/grad_scale + wd*p; buf = momentum*buf + u;
     # p -= lr*buf, and does nothing when found_inf != 0. With the buffer stored times the norm,
@@ -1037,8 +1148,9 @@ def _fused_bpgrad(
     # host by passing momentum*rescale as the momentum (no extra pass), on a device by one
     # multiplication of the buffers.
     del momentum_style  # always "matconvnet" here (checked by the dispatcher)
-    odd = [i for i, (p, g) in enumerate(zip(params, grads, strict=True))
-           if not _fused_layout_ok(p, g, bufs[i] if bufs else None)]
+    odd = [] if facts is not None and facts.dense else [
+        i for i, (p, g) in enumerate(zip(params, grads, strict=True))
+        if not _fused_layout_ok(p, g, bufs[i] if bufs else None)]
     if odd:
         # torch._fused_sgd_ walks parameter, gradient and buffer as one flat range each, which is
         # wrong when their strides differ or a parameter has gaps (a view such as w[:, ::2]):
@@ -1052,7 +1164,7 @@ def _fused_bpgrad(
         params = [p for i, p in enumerate(params) if i not in pick]
         grads = [g for i, g in enumerate(grads) if i not in pick]
         bufs = [b for i, b in enumerate(bufs) if i not in pick]
-    for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs).items():
+    for (dev, dt), (ps, gs, bs) in _device_groups(params, grads, bufs, facts=facts).items():
         scale = None if grad_scale is None else grad_scale.to(dev, torch.float32)
         if c.host:
             torch._fused_sgd_(
