@@ -2,7 +2,8 @@
 # One prepared run on a lent GPU machine (see docs/results.md for what it produced):
 #   1. the CUDA checks CI cannot run (benchmarks/cuda_check.py),
 #   2. step overhead on CUDA and, on the machine's idle CPU, single-threaded,
-#   3. the published comparisons on CUDA, several runs side by side on the one GPU.
+#   3. a harness trial's wall time, BPGrad against Adam (issue 11: within 1.1x),
+#   4. the published comparisons on CUDA, several trials side by side on the one GPU (--jobs).
 # Expects the MNIST / Fashion-MNIST caches in .devdata/ and the peers' wheels in .whl/ (both
 # git-ignored and carried along). Everything it produces lands in $OUT (runs as one tarball).
 # SMOKE=1 runs the same commands on the CPU at a tiny budget, to check the script itself.
@@ -25,6 +26,19 @@ else
   $PY benchmarks/step_overhead.py --device cpu --steps 40 --rounds 3 2>&1 | tee -a "$OUT/step_overhead.txt"
   $PY benchmarks/step_overhead.py --device cpu --steps 40 --rounds 3 --weight-decay 0 2>&1 | tee -a "$OUT/step_overhead.txt"
 fi
+# A BPGrad trial against an Adam trial on mnist_lenet, one seed, one epoch, one process each:
+# the ratio of their wall times (the fused scalar rule's effect on a real training loop).
+$PY -m bpgrad compare --device $DEV --quiet --no-report --out runs/device/trial_time \
+  --problem mnist_lenet --optimizers bpgrad,adam,bpgrad_auto --seeds 1 --epochs 1 $BUDGET \
+  > runs/device/trial_time.log 2>&1
+$PY - <<'PY' | tee "$OUT/trial_time.txt"
+import json, pathlib
+root = pathlib.Path("runs/device/trial_time")
+for f in sorted(root.rglob("seed_*.jsonl")):
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    wall = [r.get("wall_time") or r.get("elapsed") for r in rows if r.get("kind") == "summary"]
+    print(f.parent.name, wall[-1] if wall else "no summary")
+PY
 PAPER=bpgrad,sgd,adam,adagrad,adadelta,rmsprop
 PEERS=bpgrad,prodigy,dadapt_sgd,dadapt_adam,schedulefree_sgd,schedulefree_adamw,dog,alig
 run() {  # run NAME ARGS...: one comparison, resumable, bounded by LIMIT seconds
