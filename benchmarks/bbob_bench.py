@@ -204,6 +204,7 @@ def plot(recs: list[dict[str, Any]], dims: list[int], budget_mult: int, path: Pa
 
 
 def main() -> int:
+    global CACHE  # --cache: the workers (forked) read the module's CACHE
     common.env_threads()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--solvers", nargs="*", default=DEFAULT_SOLVERS)
@@ -216,10 +217,13 @@ def main() -> int:
                     help="seeds of stochastic solvers (each instance is another problem)")
     ap.add_argument("--quick", action="store_true", help="d = 2, 3 instances, budget 20·d")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--cache", type=Path, default=CACHE,
+                    help="cache folder (another one reruns a solver, e.g. after a code change)")
     ap.add_argument("--no-run", action="store_true", help="only summarise the cache")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--plot", type=Path)
     a = ap.parse_args()
+    CACHE = a.cache
     if a.quick:
         a.dims, a.instances, a.budget = [2], min(a.instances, 3), 20
     probs = [  # instance-major order: an interrupted run holds whole instances

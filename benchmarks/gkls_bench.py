@@ -207,6 +207,7 @@ def plot(recs: list[dict[str, Any]], path: Path, max_mult: int) -> None:
 
 
 def main() -> int:
+    global CACHE  # --cache: the workers (forked) read the module's CACHE
     common.env_threads()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--solvers", nargs="*", default=DEFAULT_SOLVERS)
@@ -219,11 +220,14 @@ def main() -> int:
                     help="seeds of stochastic solvers (each function is another instance)")
     ap.add_argument("--quick", action="store_true", help="10 functions, budget 100·d")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--cache", type=Path, default=CACHE,
+                    help="cache folder (another one reruns a solver, e.g. after a code change)")
     ap.add_argument("--no-run", action="store_true", help="only summarise the cache")
     ap.add_argument("--tol", type=float, default=1e-2, help="the looser second table")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--plot", type=Path)
     a = ap.parse_args()
+    CACHE = a.cache
     if a.quick:
         a.functions, a.budgets = min(a.functions, 10), [100]
     probs = [
