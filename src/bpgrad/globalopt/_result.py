@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
-__all__ = ["STATUS_MESSAGES", "SUCCESS_STATUSES", "OptimizeResult"]
+__all__ = ["STATUS_MESSAGES", "SUCCESS_STATUSES", "OptimizeResult", "Status"]
 
 
 class OptimizeResult(dict[str, Any]):
@@ -46,18 +47,33 @@ class OptimizeResult(dict[str, Any]):
         return "\n".join(lines)
 
 
-# Status codes of ``minimize``. Positive codes ended the run normally; the table is the single
-# source of the messages (``res.message == STATUS_MESSAGES[res.status]``).
+class Status(IntEnum):
+    """Why :func:`bpgrad.globalopt.minimize` stopped (``res.status``).
+
+    The values are scipy-style integers; ``STATUS_MESSAGES`` is the one table of their messages.
+    """
+
+    GAP = 0
+    COVERED = 1
+    MAXFEV = 2
+    MAXITER = 3
+    CALLBACK = 4
+    TARGET = 5
+    NONFINITE = 6
+
+
+# Positive codes ended the run normally; the table is the single source of the messages
+# (``res.message`` starts with ``STATUS_MESSAGES[res.status]``).
 STATUS_MESSAGES: dict[int, str] = {
-    0: "The gap between the best value and the lower bound is at most tol.",
-    1: "The box is covered by pruning balls: no point can beat the pruning level f̂*.",
-    2: "The maximum number of function evaluations (maxfev) was reached.",
-    3: "The maximum number of iterations (maxiter) was reached.",
-    4: "The callback asked to stop.",
-    5: "A value at or below f_target was found.",
-    6: "No finite objective value was observed: every evaluation returned NaN or ±inf.",
+    Status.GAP: "The gap between the best value and the lower bound is at most tol.",
+    Status.COVERED: "The box is covered by pruning balls: no point can beat the pruning level f̂*.",
+    Status.MAXFEV: "The maximum number of function evaluations (maxfev) was reached.",
+    Status.MAXITER: "The maximum number of iterations (maxiter) was reached.",
+    Status.CALLBACK: "The callback asked to stop.",
+    Status.TARGET: "A value at or below f_target was found.",
+    Status.NONFINITE: "No finite objective value was observed: every evaluation returned NaN or ±inf.",
 }
 
 # Statuses that count as success: the run ended because its goal was met, not because a budget
 # ran out or someone interrupted it.
-SUCCESS_STATUSES: frozenset[int] = frozenset({0, 1, 5})
+SUCCESS_STATUSES: frozenset[int] = frozenset({Status.GAP, Status.COVERED, Status.TARGET})
