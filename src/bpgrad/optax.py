@@ -248,17 +248,24 @@ def bpgrad(
 
     def init_fn(params: optax.Params) -> BPGradState:
         dtype = _scalar_dtype(params)
-        zero = jnp.zeros((), dtype)
+        param_norm = jnp.sqrt(_squared_norm(params, dtype))
+        # Every scalar is made like ||x_0||, which lives where the parameters do (replicated
+        # over their mesh): created apart, on one device, they would give the state a different
+        # type after the first update, and jit would compile the step twice. One array per
+        # field: a shared one could not be donated (jit(..., donate_argnums=...)).
+        def zero() -> jax.Array:
+            return jnp.zeros_like(param_norm)
+
         buffers = None
         if has_buffer:
             buffers = jax.tree_util.tree_map(
                 lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype), params)
         return BPGradState(
-            step_count=jnp.zeros((), jnp.int32), momentum=buffers, steps=zero, skipped_steps=zero,
-            running_min=jnp.full((), math.inf, dtype), epoch_loss_sum=zero,
-            epoch_loss_count=zero, grad_norm_max=zero, lipschitz_floor=zero,
-            lipschitz_estimate=zero, param_norm_init=jnp.sqrt(_squared_norm(params, dtype)),
-            eta=zero, grad_norm=zero, lipschitz=zero, objective=zero)
+            step_count=jnp.zeros_like(param_norm, dtype=jnp.int32), momentum=buffers,
+            steps=zero(), skipped_steps=zero(), running_min=jnp.full_like(param_norm, math.inf),
+            epoch_loss_sum=zero(), epoch_loss_count=zero(), grad_norm_max=zero(),
+            lipschitz_floor=zero(), lipschitz_estimate=zero(), param_norm_init=param_norm,
+            eta=zero(), grad_norm=zero(), lipschitz=zero(), objective=zero())
 
     def update_fn(
         updates: optax.Updates, state: BPGradState, params: optax.Params | None = None, *,
@@ -285,25 +292,31 @@ def bpgrad(
         treedef = cast(Any, treedef)  # jax's stubs lack flatten_up_to / unflatten
         ps = treedef.flatten_up_to(params) if has_decay else [None] * len(leaves)
         bs = treedef.flatten_up_to(state.momentum) if has_buffer else [None] * len(leaves)
+        # A skipped step masks the direction to 0 (a select, so a NaN/inf gradient cannot
+        # leak) and turns every coefficient into an identity: beta' = 1*beta + 0/1 and the
+        # update 0*beta'. No select on the buffers themselves, which would cost XLA an extra
+        # copy and pass over them: the update fuses into the same loops as optax.sgd's.
+        inv_ok = jnp.where(ok, norm, 1.0)
+        eta_ok = jnp.where(ok, eta, 0.0)
+        mu_ok = jnp.where(ok, momentum, 1.0).astype(dtype) if has_buffer else None
         new_updates, new_buffers = [], []
         for g, p, b in zip(leaves, ps, bs, strict=True):
             ct = jnp.promote_types(g.dtype, dtype)  # bf16 leaves are computed in float32
             u = sign * g.astype(ct)
             if has_decay:
                 u = u + weight_decay * p.astype(ct)
-            d = u / norm
+            d = jnp.where(ok, u, 0.0) / inv_ok
             if b is None:
-                step = -eta * d
+                step = -eta_ok * d
             elif port:
-                nb = momentum * b.astype(ct) + eta * d
-                step = -nb
+                nb = mu_ok * b.astype(ct) + eta_ok * d
+                step = -ok.astype(dtype) * nb
             else:
-                nb = momentum * b.astype(ct) + d
-                step = -eta * nb
-            # where, not a multiplication by ok: a skipped step's NaN/inf must not leak.
-            new_updates.append(jnp.where(ok, step, 0.0).astype(g.dtype))
+                nb = mu_ok * b.astype(ct) + d
+                step = -eta_ok * nb
+            new_updates.append(step.astype(g.dtype))
             if b is not None:
-                new_buffers.append(jnp.where(ok, nb, b).astype(b.dtype))
+                new_buffers.append(nb.astype(b.dtype))
 
         def keep(new: Any, old: jax.Array) -> jax.Array:
             return jnp.where(ok, new, old).astype(old.dtype)
