@@ -1065,8 +1065,9 @@ def _conv_step(opt: BPGrad, model: torch.nn.Module, x: torch.Tensor, maximize: b
 
 
 def test_can_load_older_state_dict() -> None:
-    """Every later group key removed (not_og_supported_flags), then load and step; the loaded
-    optimizer then continues exactly like one that kept its keys."""
+    """Every later group key removed (not_og_supported_flags), then load and step: the loaded
+    optimizer continues exactly like the one that kept its keys. Torch's loss, ``conv(x).sum()``,
+    can be negative: a mean of squares here."""
     for optim_input in all_inputs():
         maximize = optim_input.kwargs.get("maximize", False)
         model, x = _conv_model()
@@ -1080,19 +1081,15 @@ def test_can_load_older_state_dict() -> None:
         twin_model = copy.deepcopy(model)
         twin = BPGrad(twin_model.parameters(), **copy.deepcopy(optim_input.kwargs))
         twin.load_state_dict(old_state_dict)
-        for key in LATER_GROUP_KEYS:  # filled with the defaults
+        # The dropped keys take the loading optimizer's constructor values (its defaults), which
+        # here are the saved ones: same kernel, same sign, same trajectory.
+        for key in LATER_GROUP_KEYS:
             assert twin.param_groups[0][key] == twin.defaults[key]
-        if maximize or any(optim_input.kwargs.get(k) for k in ("foreach", "fused")):
-            # A dropped flag fell back to its default, so the twin's kernel or objective sign
-            # differs: it must load and step, not follow the same trajectory.
-            if maximize:
-                twin.param_groups[0]["maximize"] = True
-            _conv_step(twin, twin_model, x, maximize)
-            continue
         for _ in range(2):
             _conv_step(opt, model, x, maximize)
             _conv_step(twin, twin_model, x, maximize)
-        torch.testing.assert_close(list(twin_model.parameters()), list(model.parameters()))
+        torch.testing.assert_close(list(twin_model.parameters()), list(model.parameters()),
+                                   rtol=0, atol=0, msg=optim_input.desc)
 
 
 @pytest.mark.parametrize("is_named_optim0", [True, False], ids=["named0", "unnamed0"])
