@@ -37,6 +37,8 @@ GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
     "adam": ("lr", (1e-4, 1e-3, 1e-2)),
     "sgd": ("lr", (1e-3, 1e-2, 1e-1)),
 }
+#: one more point beyond each end the core grids were seen to pick (``run --edges``)
+EDGES: dict[str, tuple[float, ...]] = {"bpgrad": (0.25, 64.0), "adam": (1e-1,), "sgd": (1.0,)}
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,13 @@ METRIC = {
 }
 
 
-def variants() -> list[ResolvedOptimizer]:
-    """Every optimizer variant of the study, learning-rate-free ones first."""
+def variants(edges: bool = False) -> list[ResolvedOptimizer]:
+    """Every optimizer variant of the study, learning-rate-free ones first (``edges``: also the
+    grid points of :data:`EDGES`)."""
     out = [resolve_optimizer(name) for name in LR_FREE]
     for name, (key, grid) in GRIDS.items():
-        out += [resolve_optimizer(name, swept={key: value}) for value in grid]
+        points = grid + (EDGES[name] if edges else ())
+        out += [resolve_optimizer(name, swept={key: value}) for value in points]
     return out
 
 
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
         splits = problem.load(seed=0)
         budget = Budget(BUDGET[problem_name])
         for seed in args.seeds:
-            for opt in variants():
+            for opt in variants(args.edges):
                 outcome = run_trial(problem, opt, seed, budget, out=Path(args.out), splits=splits,
                                     options=RunOptions(quiet=True, threads=1, checkpoint=False))
                 final = outcome.summary.get("final", {})
@@ -177,6 +181,8 @@ def main() -> None:
     p_run.add_argument("--out", default="runs/suite")
     p_run.add_argument("--problems", nargs="+", default=list(BUDGET), choices=list(BUDGET))
     p_run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p_run.add_argument("--edges", action="store_true",
+                       help="also run the grid points beyond the core grids' ends (EDGES)")
     p_rep = sub.add_parser("report")
     p_rep.add_argument("--out", default="runs/suite")
     args = parser.parse_args()
