@@ -132,8 +132,7 @@ def _user_error(command: str, exc: BaseException, debug: bool) -> int:
     """The error contract: one line and exit 2, or the traceback with ``--debug``."""
     if debug:
         raise exc
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return _error(command, " ".join(message.split()))
+    return _error(command, " ".join(str(exc).split()))  # one line, whatever the message holds
 
 
 def check_writable(out: Path) -> None:
