@@ -66,7 +66,7 @@ def load_fake(problem: Problem, monkeypatch: pytest.MonkeyPatch, validation_size
 
 
 def test_registry_lists_every_problem() -> None:
-    # bpgrad.bench.testing adds the synthetic toy_blobs when the CLI (or a test) imports it.
+    # tests/bench/toy_problem.py adds the synthetic toy_blobs when a test imports it.
     # issue 12's suite is tested in test_problems_suite.py
     suite = ["fortunes_lstm", "mnist_canvas_fcn", "segment_mlp", "teacher_student"]
     assert [name for name in problem_names() if name != "toy_blobs"] == sorted(ALL + suite)
