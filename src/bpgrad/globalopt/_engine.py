@@ -68,12 +68,14 @@ _FIELDS = [
     ("depth", _i1), ("nc", types.int64), ("pruned_min", types.float64),
     # the query tree over the cells: first listed sample, largest and smallest finite value below
     ("head", _i1), ("cfmax", _f1), ("cfmin", _f1), ("stack", _i1),
+    # per depth: its cells (linked by dnext), and the best hull candidate unless dirty
+    ("dhead", _i1), ("dnext", _i1), ("dbest", _i1), ("ddirty", _i1),
     # lazy heap of live cells by (bound, key, cell); hull cells still to divide
     ("hb", _f1), ("hk", _f1), ("hc", _i1), ("hn", types.int64),
     ("pending", _i1), ("npend", types.int64),
     # the division waiting for its evaluations
     ("todo", _f2), ("ntodo", types.int64), ("div_cell", types.int64), ("div_k0", types.int64),
-    ("lowers", _f1), ("slots", _i1), ("status", types.int64), ("half", _f1),
+    ("slots", _i1), ("status", types.int64),
 ]  # fmt: skip
 _STATE = _StateType(_FIELDS)
 structref.define_boxing(_StateType, _State)
@@ -172,25 +174,26 @@ def _far(X: Any, i: int, lo: Any, hi: Any) -> float:
 
 
 @jit
-def _gap(st: Any, c: int, y: Any, spread: bool) -> float:
-    """Distance from y to cell c's box; with ``spread`` y is the centre of a box with
-    half-widths ``st.half`` and the distance is the least far-corner distance of a point of
-    c's box to that box."""
+def _gap(clo: Any, chi: Any, c: int, y: Any, half: Any) -> float:
+    """Distance from y to cell c's box, plus ``half`` per coordinate: with y the centre of a
+    box of half-widths half, the least far-corner distance of a point of c's box to it.
+
+    The hot helpers take arrays, not the state: each read of a state field takes and drops a
+    reference to the array (two atomic operations), which in inner loops costs more than the
+    arithmetic."""
     s = 0.0
     for j in range(y.shape[0]):
-        t = max(max(st.clo[c, j] - y[j], y[j] - st.chi[c, j]), 0.0)
-        if spread:
-            t += st.half[j]
+        t = max(max(clo[c, j] - y[j], y[j] - chi[c, j]), 0.0) + half[j]
         s += t * t
     return math.sqrt(s)
 
 
 @jit
-def _walk(st: Any, c: int, out: int) -> int:
+def _walk(state: Any, child: Any, stack: Any, c: int, out: int) -> int:
     """Push the children of cell c (if divided) onto the walk's stack; returns its size."""
-    if st.state[c] == _SPLIT:
+    if state[c] == _SPLIT:
         for q in range(3):
-            st.stack[out] = st.child[c] + q
+            stack[out] = child[c] + q
             out += 1
     return out
 
@@ -231,29 +234,30 @@ def _fhat(st: Any) -> float:
 
 
 @jit
-def _lower_above(st: Any, y: Any, thr: float, exact: bool) -> float:
-    """``max_i f_i - L ||y - x_i||``; unless ``exact``, any value above thr as soon as one is
-    found, or some value <= thr if there is none (all a ball test needs)."""
+def _lower_above(st: Any, y: Any, thr: float) -> float:
+    """Some ``f_i - L ||y - x_i||`` above thr if there is one (the first found), else at
+    most thr: all a ball test needs."""
     best = -math.inf
-    floor = -math.inf if exact else thr
     top = 1 if st.nc > 0 else 0
-    st.stack[0] = 0
+    F, X, L, head, nxt, cfmax = st.F, st.X, st.L, st.head, st.nxt, st.cfmax
+    clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
+    zero = np.zeros(y.shape[0])
+    stack[0] = 0
     while top > 0:
         top -= 1
-        c = st.stack[top]
-        cut = max(best, floor)
-        if st.cfmax[c] - st.L * _gap(st, c, y, False) < cut - _slack(st, cut):
+        c = stack[top]
+        if cfmax[c] - L * _gap(clo, chi, c, y, zero) < thr - _slack(st, thr):
             continue
-        i = st.head[c]
+        i = head[c]
         while i >= 0:
-            if math.isfinite(st.F[i]):
-                v = st.F[i] - st.L * _dist(st.X, i, y)
+            if math.isfinite(F[i]):
+                v = F[i] - L * _dist(X, i, y)
                 if v > best:
                     best = v
-                    if best > thr and not exact:
+                    if best > thr:
                         return best
-            i = st.nxt[i]
-        top = _walk(st, c, top)
+            i = nxt[i]
+        top = _walk(state, child, stack, c, top)
     return best
 
 
@@ -266,7 +270,7 @@ def _prune_level(st: Any) -> float:
 @jit
 def in_ball(st: Any, y: Any) -> bool:
     thr = _prune_level(st)
-    return _lower_above(st, y, thr, False) > thr
+    return _lower_above(st, y, thr) > thr
 
 
 @jit
@@ -281,23 +285,26 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
     if finite:
         smax, rob = st.slope_max, st.robust_slope
         top = 1 if st.nc > 0 else 0
-        st.stack[0] = 0
+        F, X, head, nxt, cfmax, cfmin = st.F, st.X, st.head, st.nxt, st.cfmax, st.cfmin
+        clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
+        zero = np.zeros(x.shape[0])
+        stack[0] = 0
         while top > 0:
             top -= 1
-            c = st.stack[top]
+            c = stack[top]
             # can no sample below c raise the smaller of the two maxima?
-            df = max(f - st.cfmin[c], st.cfmax[c] - f)
-            if not df >= min(smax, rob) * (1 - _MARGIN) * _gap(st, c, x, False):
+            df = max(f - cfmin[c], cfmax[c] - f)
+            if not df >= min(smax, rob) * (1 - _MARGIN) * _gap(clo, chi, c, x, zero):
                 continue
-            j = st.head[c]
+            j = head[c]
             while j >= 0:
-                dist = _dist(st.X, j, x)
-                if dist > 0 and math.isfinite(st.F[j]):
-                    a = abs(st.F[j] - f)
+                dist = _dist(X, j, x)
+                if dist > 0 and math.isfinite(F[j]):
+                    a = abs(F[j] - f)
                     smax = max(smax, a / dist)
-                    rob = max(rob, (a - SLOPE_RTOL * (abs(st.F[j]) + abs(f))) / dist)
-                j = st.nxt[j]
-            top = _walk(st, c, top)
+                    rob = max(rob, (a - SLOPE_RTOL * (abs(F[j]) + abs(f))) / dist)
+                j = nxt[j]
+            top = _walk(state, child, stack, c, top)
         st.slope_max, st.robust_slope = smax, rob
     if has_g:
         s = 0.0
@@ -402,6 +409,7 @@ def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
         st.cfmax = _more_f1(st.cfmax, -math.inf)
         st.cfmin = _more_f1(st.cfmin, math.inf)
         st.stack = _more_i1(st.stack, 0)
+        st.dnext = _more_i1(st.dnext, -1)
         terms = np.empty((2 * c, _K), np.int64)
         for i in range(2 * c):
             for q in range(_K):
@@ -416,16 +424,21 @@ def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
     _set_row(st.clo, c, lo)
     _set_row(st.chi, c, hi)
     st.depth[c] = depth
+    while depth >= st.dhead.shape[0]:
+        st.dhead, st.dbest = _more_i1(st.dhead, -1), _more_i1(st.dbest, -1)
+        st.ddirty = _more_i1(st.ddirty, 0)
+    st.dnext[c], st.dhead[depth] = st.dhead[depth], c
     st.key[c] = _cell_key(st.seed, c)
     return c
 
 
 @jit
-def _offer(st: Any, c: int, i: int, tv: Any, ti: Any, cnt: int) -> int:
-    """Put sample i among the K best terms (tv, ti) of cell c unless it is there or worse."""
-    if not math.isfinite(st.F[i]):
+def _offer(F: Any, X: Any, L: float, lo: Any, hi: Any, i: int, tv: Any, ti: Any, cnt: int) -> int:
+    """Put sample i among the K best terms (tv, ti) of the cell [lo, hi] unless it is there
+    or worse."""
+    if not math.isfinite(F[i]):
         return cnt
-    v = st.F[i] - st.L * _far(st.X, i, st.clo[c], st.chi[c])
+    v = F[i] - L * _far(X, i, lo, hi)
     if cnt == _K and (v < tv[_K - 1] or (v == tv[_K - 1] and i > ti[_K - 1])):
         return cnt
     for q in range(cnt):
@@ -447,29 +460,33 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
     tv = _filled(1, _K, -math.inf)[0]
     ti = _ifilled(_K, -1)
     cnt = 0
+    F, X, L, head, nxt, cfmax = st.F, st.X, st.L, st.head, st.nxt, st.cfmax
+    clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
+    lo, hi = clo[c], chi[c]
     if parent >= 0:
         for q in range(_K):
             if st.terms[parent, q] >= 0:
-                cnt = _offer(st, c, st.terms[parent, q], tv, ti, cnt)
+                cnt = _offer(F, X, L, lo, hi, st.terms[parent, q], tv, ti, cnt)
         if st.centre[parent] >= 0:
-            cnt = _offer(st, c, st.centre[parent], tv, ti, cnt)
+            cnt = _offer(F, X, L, lo, hi, st.centre[parent], tv, ti, cnt)
     y = _centre(st, c)
+    half = np.empty(y.shape[0])
     for j in range(y.shape[0]):
-        st.half[j] = 0.5 * (st.chi[c, j] - st.clo[c, j])
+        half[j] = 0.5 * (hi[j] - lo[j])
     top = 1
-    st.stack[0] = 0
+    stack[0] = 0
     while top > 0:
         top -= 1
-        u = st.stack[top]
+        u = stack[top]
         if cnt == _K:
             cut = tv[_K - 1]
-            if st.cfmax[u] - st.L * _gap(st, u, y, True) < cut - _slack(st, cut):
+            if cfmax[u] - L * _gap(clo, chi, u, y, half) < cut - _slack(st, cut):
                 continue
-        i = st.head[u]
+        i = head[u]
         while i >= 0:
-            cnt = _offer(st, c, i, tv, ti, cnt)
-            i = st.nxt[i]
-        top = _walk(st, u, top)
+            cnt = _offer(F, X, L, lo, hi, i, tv, ti, cnt)
+            i = nxt[i]
+        top = _walk(state, child, stack, u, top)
     _set_row(st.terms, c, ti)
     st.bound[c] = tv[0]
 
@@ -515,6 +532,8 @@ def _refresh_L(st: Any) -> None:
     st.L_dirty = False
     st.pruned_min = math.inf
     st.hn = 0
+    for t in range(st.ddirty.shape[0]):
+        st.ddirty[t] = 1  # pruned cells return
     for c in range(st.nc):
         if st.state[c] == _SPLIT:
             continue
@@ -533,19 +552,55 @@ def _refresh_L(st: Any) -> None:
 
 
 @jit
+def _eligible(st: Any, c: int) -> bool:
+    i = st.centre[c]
+    return st.state[c] == _LEAF and i >= 0 and math.isfinite(st.F[i])
+
+
+@jit
+def _better(st: Any, c: int, j: int) -> bool:
+    return j < 0 or (st.value[c], st.key[c], c) < (st.value[j], st.key[j], j)
+
+
+@jit
+def _offer_hull(st: Any, c: int) -> None:
+    """Cell c may now compete in the hull: keep its depth's best up to date."""
+    t = st.depth[c]
+    if _eligible(st, c) and st.ddirty[t] == 0 and _better(st, c, st.dbest[t]):
+        st.dbest[t] = c
+
+
+@jit
+def _depth_best(st: Any, t: int) -> int:
+    """The best hull candidate of depth t; a stale one is found again from the depth's list,
+    which drops its divided and retired cells (they never return) on the way."""
+    j = st.dbest[t]
+    if st.ddirty[t] == 0 and (j < 0 or _eligible(st, j)):
+        return j
+    j, prev, c = -1, -1, st.dhead[t]
+    while c >= 0:
+        nxt = st.dnext[c]
+        if st.state[c] == _SPLIT or st.state[c] == _RETIRED:
+            if prev < 0:
+                st.dhead[t] = nxt
+            else:
+                st.dnext[prev] = nxt
+        else:
+            if _eligible(st, c) and _better(st, c, j):
+                j = c
+            prev = c
+        c = nxt
+    st.dbest[t], st.ddirty[t] = j, 0
+    return j
+
+
+@jit
 def _hull_cells(st: Any) -> None:
     """``ReferenceSearch._hull_cells`` onto ``pending`` (the first to divide last)."""
-    maxd = 0
-    for c in range(st.nc):
-        maxd = max(maxd, st.depth[c])
+    maxd = st.dhead.shape[0] - 1
     best = _ifilled(maxd + 1, -1)
-    for c in range(st.nc):
-        i = st.centre[c]
-        if st.state[c] != _LEAF or i < 0 or not math.isfinite(st.F[i]):
-            continue
-        j = best[st.depth[c]]
-        if j < 0 or (st.value[c], st.key[c], c) < (st.value[j], st.key[j], j):
-            best[st.depth[c]] = c
+    for t in range(maxd + 1):
+        best[t] = _depth_best(st, t)
     m = 0
     pts = np.empty(maxd + 1, np.int64)
     for j in best:
@@ -586,10 +641,10 @@ def _hull_cells(st: Any) -> None:
 
 
 @jit
-def _place(st: Any, c: int, lower: float, fh: float) -> None:
+def _place(st: Any, c: int, fh: float) -> None:
     i = st.centre[c]
     fc = st.F[i] if i >= 0 else math.nan
-    st.value[c] = fc if math.isfinite(fc) else lower
+    st.value[c] = fc  # only cells with a finite centre value compete in the hull
     s = 0.0
     for j in range(st.width.shape[0]):
         r = (st.chi[c, j] - st.clo[c, j]) / st.width[j]
@@ -600,6 +655,7 @@ def _place(st: Any, c: int, lower: float, fh: float) -> None:
         st.pruned_min = min(st.pruned_min, st.bound[c])
     else:
         _push(st, c)
+        _offer_hull(st, c)
 
 
 @jit
@@ -610,7 +666,7 @@ def start(st: Any) -> None:
     _index(st, 0)
     _refresh_L(st)
     _bound_from_all(st, c, -1)
-    _place(st, c, -math.inf, _fhat(st))
+    _place(st, c, _fhat(st))
 
 
 @jit
@@ -629,6 +685,7 @@ def finish(st: Any, idx: Any) -> int:
             _add_term(st, ci, s)
             if math.isfinite(st.F[s]):
                 st.value[ci] = st.F[s]
+                _offer_hull(st, ci)
         return new
     for q in range(idx.shape[0]):
         if idx[q] >= 0:
@@ -637,7 +694,7 @@ def finish(st: Any, idx: Any) -> int:
             _add_term(st, k0 + j, idx[q])
     fh = _fhat(st)
     for j in range(3):
-        _place(st, k0 + j, st.lowers[j], fh)
+        _place(st, k0 + j, fh)
     return new
 
 
@@ -674,12 +731,10 @@ def _divide(st: Any, ci: int) -> int:
         _bound_from_all(st, c, ci)
     st.child[ci], st.sdim[ci], st.state[ci] = k0, k, _SPLIT
     st.centre[k0 + 1] = st.centre[ci]
-    st.lowers[0], st.lowers[1], st.lowers[2] = math.nan, st.value[ci], math.nan
     thr = _prune_level(st)
     for j in (0, 2):
         y = _centre(st, k0 + j)
-        st.lowers[j] = _lower_above(st, y, thr, True)
-        if not st.lowers[j] > thr:
+        if not _lower_above(st, y, thr) > thr:
             _set_row(st.todo, st.ntodo, y)
             st.slots[st.ntodo] = j
             st.ntodo += 1
@@ -745,7 +800,8 @@ def _new_state(
     st.slope_max, st.robust_slope = 0.0, 0.0
     st.nxt, st.head, st.stack = _ifilled(cap, -1), _ifilled(cap, -1), _ifilled(cap, 0)
     st.cfmax, st.cfmin = _filled(1, cap, -math.inf)[0], _filled(1, cap, math.inf)[0]
-    st.half = np.zeros(d)
+    st.dhead, st.dnext, st.dbest = _ifilled(64, -1), _ifilled(cap, -1), _ifilled(64, -1)
+    st.ddirty = _ifilled(64, 0)
     st.clo, st.chi = np.zeros((cap, d)), np.zeros((cap, d))
     st.bound, st.value = _filled(1, cap, -math.inf)[0], _filled(1, cap, math.inf)[0]
     st.size, st.key = np.zeros(cap), np.zeros(cap)
@@ -756,7 +812,7 @@ def _new_state(
     st.hb, st.hk, st.hc, st.hn = np.zeros(cap), np.zeros(cap), np.zeros(cap, np.int64), 0
     st.pending, st.npend = np.zeros(64, np.int64), 0
     st.todo, st.ntodo, st.div_cell, st.div_k0 = np.zeros((2, d)), 0, -1, -1
-    st.lowers, st.slots, st.status = np.zeros(3), np.zeros(2, np.int64), -1
+    st.slots, st.status = np.zeros(2, np.int64), -1
     return st
 
 

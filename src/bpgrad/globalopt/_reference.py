@@ -130,7 +130,7 @@ class ReferenceSearch:
         self.pending: list[int] = []  # hull cells still to divide, the next one last
         self.status = -1
         self._todo: list[FloatArray] = []
-        self._div: tuple[int, int, list[float], list[int]] | None = None  # the division asking
+        self._div: tuple[int, int, list[int]] | None = None  # the division asking
 
     # ---- samples ----
     @property
@@ -315,13 +315,13 @@ class ReferenceSearch:
         self.cells.append(root)
         self._refresh_L()
         self._bound_from_all(root)
-        self._place(0, -math.inf, self.fhat())
+        self._place(0, self.fhat())
 
-    def _place(self, ci: int, lower: float, fh: float) -> None:
+    def _place(self, ci: int, fh: float) -> None:
         """Set a new cell's ranking value and size; prune it or leave it live."""
         c = self.cells[ci]
         fc = self.F[c.centre] if c.centre >= 0 else math.nan
-        c.value = fc if math.isfinite(fc) else lower
+        c.value = fc  # only cells with a finite centre value compete in the hull
         rel = (c.hi - c.lo) / self.width
         c.size = 0.5 * math.sqrt(float(np.sum(rel * rel)))
         if c.bound > fh:
@@ -365,7 +365,7 @@ class ReferenceSearch:
             # The centre was in a pruning ball when the cell was made; balls move with f̂*, L.
             y = 0.5 * (c.lo + c.hi)
             if not self.in_ball(y):
-                self._todo, self._div = [y], (ci, -1, [], [])
+                self._todo, self._div = [y], (ci, -1, [])
                 return Event.EVAL
         w = c.hi - c.lo
         rel = w / self.width
@@ -385,18 +385,16 @@ class ReferenceSearch:
             self.cells.append(kid)
         c.child, c.sdim, c.state = k0, k, CellState.SPLIT
         self.cells[k0 + 1].centre = c.centre
-        lowers = [math.nan, c.value, math.nan]
         self._todo, slots = [], []
         fh = self.fhat()
         thr = fh + 1e-12 * (1 + abs(fh))
         for j in (0, 2):
             kid = self.cells[k0 + j]
             y = 0.5 * (kid.lo + kid.hi)
-            lowers[j] = self.lower_above(y)
-            if not lowers[j] > thr:  # outside every ball: evaluate it
+            if not self.lower_above(y) > thr:  # outside every ball: evaluate it
                 self._todo.append(y)
                 slots.append(j)
-        self._div = (ci, k0, lowers, slots)
+        self._div = (ci, k0, slots)
         if self._todo:
             return Event.EVAL
         self.finish([])
@@ -410,7 +408,7 @@ class ReferenceSearch:
         """Take the samples of the points asked for (``-1`` for any not evaluated because
         the run stopped) into their cells."""
         assert self._div is not None
-        ci, k0, lowers, slots = self._div
+        ci, k0, slots = self._div
         self._div = None
         new = [i for i in idx if i >= 0]
         if k0 < 0:  # a re-evaluated centre
@@ -427,7 +425,7 @@ class ReferenceSearch:
                 self.add_term(k0 + j, i)
         fh = self.fhat()
         for j in range(3):
-            self._place(k0 + j, lowers[j], fh)
+            self._place(k0 + j, fh)
 
     def info(self) -> tuple[float, float, float, float, float, int]:
         """(L, f̂*, lower bound, largest slope, robust slope, status)."""
