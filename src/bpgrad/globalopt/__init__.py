@@ -5,13 +5,21 @@
 >>> bool(abs(res.x[0] - 0.3) < 1e-3) and res.lower_bound <= res.fun
 True
 
-NumPy only; scipy is optional (``scipy.optimize.Bounds`` is accepted by duck typing) and
-matplotlib is imported lazily by :mod:`bpgrad.globalopt.plot`.
+The search is compiled with numba (the ``globalopt`` extra); scipy is optional
+(``scipy.optimize.Bounds`` is accepted by duck typing) and matplotlib is imported lazily by
+:mod:`bpgrad.globalopt.plot`.
 """
 
 from __future__ import annotations
 
 from bpgrad.globalopt._core import KIND_NAMES, minimize
-from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult
+from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult, Status
 
-__all__ = ["KIND_NAMES", "STATUS_MESSAGES", "SUCCESS_STATUSES", "OptimizeResult", "minimize"]
+__all__ = [
+    "KIND_NAMES",
+    "STATUS_MESSAGES",
+    "SUCCESS_STATUSES",
+    "OptimizeResult",
+    "Status",
+    "minimize",
+]

@@ -193,7 +193,7 @@ def minimize(
         tol: absolute gap: stop when best value minus lower bound is at most ``tol``.
         maxfev: budget of ``func`` calls (default ``1000 d``).
         maxiter: budget of iterations (one cell division, one pruned cell, one branch step with
-            its polish, or one re-evaluated cell centre each); default ``10 maxfev``. Cells
+            its polish, or one re-evaluated cell centre each); default ``100 maxfev``. Cells
             whose centres lie in pruning balls are divided without an evaluation, so this also
             bounds the work between evaluations (a very elongated box with a true L can
             otherwise divide for a long time without finding a point worth evaluating).
@@ -248,7 +248,7 @@ def minimize(
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite positive number, got {tol}.")
     maxfev = 1000 * d if maxfev is None else _positive_int("maxfev", maxfev)
-    maxiter = 10 * maxfev if maxiter is None else _positive_int("maxiter", maxiter)
+    maxiter = 100 * maxfev if maxiter is None else _positive_int("maxiter", maxiter)
     if f_target is not None and math.isnan(float(f_target)):
         raise ValueError("f_target must be a number or None, not NaN.")
     polish_maxfev = (
