@@ -490,7 +490,9 @@ class BPGrad(Optimizer):
         like = gstate["running_min"]
         if fresh:
             # ||x_0|| for the auto-L warm-up floor, read once (on the device) at the first step.
-            every = [p for group in self.param_groups for p in group["params"]]
+            # Integer tensors (buffers some models register as parameters) have no norm here.
+            every = [p for group in self.param_groups for p in group["params"]
+                     if p.is_floating_point() or p.is_complex()]
             squares = squared_norm(
                 [torch.view_as_real(p.detach()) if torch.is_complex(p) else p.detach()
                  for p in every], like.device, like.dtype)
@@ -568,7 +570,9 @@ class BPGrad(Optimizer):
             f = _read(loss) if isinstance(loss, torch.Tensor) else float(loss)
         _check_loss_sign(f, cfg)
         state = {key: _read(gstate[key]) for key in _scalars.STATE_KEYS}
-        squared = _host_squared_norm(grads, like.dtype)
+        # Under AMP the gradients are scaled (GradScaler's scale reaches 2**24 and more): their
+        # squares can overflow float32 while the gradients are finite, so norm them in float64.
+        squared = _host_squared_norm(grads, like.dtype if grad_scale is None else torch.float64)
         group = _shard_group(first)
         if group is not None:
             squared = _read(_sum_over(torch.tensor(squared, dtype=torch.float64), group))
@@ -580,7 +584,8 @@ class BPGrad(Optimizer):
             rhos=[g["rho"] for g in self.param_groups],
             grad_scale=None if grad_scale is None else _read(grad_scale),
             found_inf=None if found_inf is None else _read(found_inf))
-        if first["strict"] and not out.ok:
+        amp_overflow = found_inf is not None and _read(found_inf) != 0.0
+        if first["strict"] and not out.ok and not amp_overflow:  # GradScaler's skip is normal
             raise BPGradError(
                 f"BPGrad strict mode: refusing a step with loss={out.loss:.6g} and gradient "
                 f"norm={out.norm:.6g} (need a finite loss >= 0 and a finite, non-zero norm)")
@@ -619,7 +624,8 @@ class BPGrad(Optimizer):
         elif any(type(g) is not torch.Tensor for g in grads):  # DTensor: needs a collective
             norms = [squared_norm(grads, like.device, like.dtype).sqrt()]
         else:
-            norms = _grad_norms(grads, like.device, like.dtype)
+            norms = _grad_norms(grads, like.device,
+                                like.dtype if grad_scale is None else torch.float64)
         args = (
             f, norms if norms else [torch.zeros_like(like)],
             [gstate[key] for key in _scalars.STATE_KEYS],
@@ -639,7 +645,8 @@ class BPGrad(Optimizer):
         n = len(self.param_groups)
         ok, norm, objective, f_used, rescale, skip = values[:6]
         etas, lipschitzes, steps = values[6:6 + n], values[6 + n:6 + 2 * n], values[6 + 2 * n:]
-        if first["strict"] and not torch.compiler.is_compiling() and not bool(ok):
+        if (first["strict"] and not torch.compiler.is_compiling() and not bool(ok)
+                and not (found_inf is not None and bool(found_inf != 0))):  # AMP's skip is normal
             raise BPGradError(
                 f"BPGrad strict mode: refusing a step with loss={float(f_used):.6g} and gradient "
                 f"norm={float(norm):.6g} (need a finite loss >= 0 and a finite, non-zero norm)")
@@ -735,7 +742,9 @@ def _sum_over(value: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 def _read(t: torch.Tensor) -> float:
-    # The value of a 0-dim CPU tensor; tolist() reads it without a dispatched operation.
+    # The value of a one-element CPU tensor; tolist() reads it without a dispatched operation.
+    if t.dim():
+        t = t.reshape(())
     return float(cast(float, t.tolist()))
 
 
@@ -779,9 +788,12 @@ def _same_option(a: Any, b: Any) -> bool:
 
 def _fill_group_defaults(groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
     # Groups saved before an option existed (checkpoints of older versions) take its default.
+    # Only BPGrad's own options: torch's base class adds keys of its own to ``defaults``
+    # (``differentiable``) that must not appear in the groups of a loaded state dict.
     for group in groups:
-        for key, value in defaults.items():
-            group.setdefault(key, value)
+        for key in _OPTION_KEYS:
+            if key in defaults:
+                group.setdefault(key, defaults[key])
 
 
 # Numeric options: the test each value must pass and how the message states the requirement.
@@ -799,6 +811,11 @@ _NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "auto_warmup_decay": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
 }
 _TENSOR_OPTIONS = ("lr", "lipschitz")
+_OPTION_KEYS = (
+    "lipschitz", "rho", "momentum", "weight_decay", "lr", "momentum_style", "foreach", "fused",
+    "maximize", "objective", "loss_lower_bound", "distributed_loss", "shard_group", "eps",
+    "strict", "auto_warmup", "auto_warmup_decay",
+)
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "objective": ("minibatch", "epoch_mean"),
     "momentum_style": ("matconvnet", "port"),
@@ -1002,7 +1019,7 @@ class _Coefficients:
     def _compute(self, name: str) -> Any:
         ok, norm, eta = self._ok, self._norm, self._eta
         if self.host:  # ok is True here
-            scale = 1.0 if self._grad_scale is None else float(self._grad_scale.cpu().numpy())
+            scale = 1.0 if self._grad_scale is None else _read(self._grad_scale.cpu())
             return {
                 "grad": self._sign / scale,  # g -> sigma g/S
                 "step": eta / norm,  # matconvnet: p -= (eta/n) b
