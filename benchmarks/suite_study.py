@@ -156,6 +156,16 @@ def report(args: argparse.Namespace) -> None:
                 hits = sum(_value(complete[lab][s], "valid_loss", False) < 1e-4 for s in seeds)
                 cell += f" | {hits}/{len(seeds)}"
             print(f"| {shown} | {cell} |")
+        grid_lines = []
+        for base, (key, _) in GRIDS.items():
+            labs = sorted((lab for lab in complete if lab.split("@")[0] == base),
+                          key=lambda lab: float(lab.split("=")[1]))
+            cells = [f"{lab.split('=')[1]}: {mean_of(lab, m.valid):.4g}" for lab in labs]
+            if cells:
+                grid_lines.append(f"{base} {key} → {'; '.join(cells)}")
+        if grid_lines:
+            print(f"\nGrids, validation {m.valid} (mean over seeds; ±inf = diverged): "
+                  + " · ".join(grid_lines))
         scores[problem] = {lab: sign * mean_of(lab, m.test) for lab in LR_FREE if lab in complete}
     # rank only the optimizers that have results on every problem, among themselves
     common = [lab for lab in LR_FREE if all(lab in sc for sc in scores.values())]
