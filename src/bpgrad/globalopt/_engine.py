@@ -96,37 +96,11 @@ def _more_f2(a: Any, fill: float) -> Any:
 
 
 @jit
-def _more_f1(a: Any, fill: float) -> Any:
-    n = a.shape[0]
-    out = np.empty(2 * n)
-    for i in range(2 * n):
-        out[i] = a[i] if i < n else fill
-    return out
-
-
-@jit
-def _more_i1(a: Any, fill: int) -> Any:
-    n = a.shape[0]
-    out = np.empty(2 * n, np.int64)
-    for i in range(2 * n):
-        out[i] = a[i] if i < n else fill
-    return out
-
-
-@jit
-def _filled(n: int, d: int, v: float) -> Any:
-    out = np.empty((n, d))
-    for i in range(n):
-        for j in range(d):
-            out[i, j] = v
-    return out
-
-
-@jit
-def _ifilled(n: int, v: int) -> Any:
-    out = np.empty(n, np.int64)
-    for i in range(n):
-        out[i] = v
+def _more(a: Any, fill: Any) -> Any:
+    """a with twice the entries, the new ones set to fill (of a's type)."""
+    out = np.full(2 * a.shape[0], fill)
+    for i in range(a.shape[0]):
+        out[i] = a[i]
     return out
 
 
@@ -279,8 +253,8 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
     i = st.n
     if i == st.F.shape[0]:
         st.X = _more_f2(st.X, 0.0)
-        st.F = _more_f1(st.F, 0.0)
-        st.nxt = _more_i1(st.nxt, -1)
+        st.F = _more(st.F, 0.0)
+        st.nxt = _more(st.nxt, -1)
     finite = math.isfinite(f)
     if finite:
         smax, rob = st.slope_max, st.robust_slope
@@ -341,9 +315,9 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
 @jit
 def _push(st: Any, c: int) -> None:
     if st.hn == st.hb.shape[0]:
-        st.hb = _more_f1(st.hb, 0.0)
-        st.hk = _more_f1(st.hk, 0.0)
-        st.hc = _more_i1(st.hc, 0)
+        st.hb = _more(st.hb, 0.0)
+        st.hk = _more(st.hk, 0.0)
+        st.hc = _more(st.hc, 0)
     v, k = st.bound[c], st.key[c]
     q = st.hn
     st.hn += 1
@@ -401,32 +375,32 @@ def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
     if c == st.bound.shape[0]:
         st.clo = _more_f2(st.clo, 0.0)
         st.chi = _more_f2(st.chi, 0.0)
-        st.bound = _more_f1(st.bound, -math.inf)
-        st.value = _more_f1(st.value, math.inf)
-        st.size = _more_f1(st.size, 0.0)
-        st.key = _more_f1(st.key, 0.0)
-        st.head = _more_i1(st.head, -1)
-        st.cfmax = _more_f1(st.cfmax, -math.inf)
-        st.cfmin = _more_f1(st.cfmin, math.inf)
-        st.stack = _more_i1(st.stack, 0)
-        st.dnext = _more_i1(st.dnext, -1)
+        st.bound = _more(st.bound, -math.inf)
+        st.value = _more(st.value, math.inf)
+        st.size = _more(st.size, 0.0)
+        st.key = _more(st.key, 0.0)
+        st.head = _more(st.head, -1)
+        st.cfmax = _more(st.cfmax, -math.inf)
+        st.cfmin = _more(st.cfmin, math.inf)
+        st.stack = _more(st.stack, 0)
+        st.dnext = _more(st.dnext, -1)
         terms = np.empty((2 * c, _K), np.int64)
         for i in range(2 * c):
             for q in range(_K):
                 terms[i, q] = st.terms[i, q] if i < c else -1
         st.terms = terms
-        st.state = _more_i1(st.state, _LEAF)
-        st.centre = _more_i1(st.centre, -1)
-        st.child = _more_i1(st.child, -1)
-        st.sdim = _more_i1(st.sdim, -1)
-        st.depth = _more_i1(st.depth, 0)
+        st.state = _more(st.state, _LEAF)
+        st.centre = _more(st.centre, -1)
+        st.child = _more(st.child, -1)
+        st.sdim = _more(st.sdim, -1)
+        st.depth = _more(st.depth, 0)
     st.nc = c + 1
     _set_row(st.clo, c, lo)
     _set_row(st.chi, c, hi)
     st.depth[c] = depth
     while depth >= st.dhead.shape[0]:
-        st.dhead, st.dbest = _more_i1(st.dhead, -1), _more_i1(st.dbest, -1)
-        st.ddirty = _more_i1(st.ddirty, 0)
+        st.dhead, st.dbest = _more(st.dhead, -1), _more(st.dbest, -1)
+        st.ddirty = _more(st.ddirty, 0)
     st.dnext[c], st.dhead[depth] = st.dhead[depth], c
     st.key[c] = _cell_key(st.seed, c)
     return c
@@ -457,8 +431,8 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
     """Exact bound of cell c from every finite sample; the K best become its terms (ties: the
     lower sample index first). The parent's terms and centre go first, so the K-th best value
     starts high and the walk skips every subtree that cannot reach it."""
-    tv = _filled(1, _K, -math.inf)[0]
-    ti = _ifilled(_K, -1)
+    tv = np.full(_K, -math.inf)
+    ti = np.full(_K, -1)
     cnt = 0
     F, X, L, head, nxt, cfmax = st.F, st.X, st.L, st.head, st.nxt, st.cfmax
     clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
@@ -598,7 +572,7 @@ def _depth_best(st: Any, t: int) -> int:
 def _hull_cells(st: Any) -> None:
     """``ReferenceSearch._hull_cells`` onto ``pending`` (the first to divide last)."""
     maxd = st.dhead.shape[0] - 1
-    best = _ifilled(maxd + 1, -1)
+    best = np.full(maxd + 1, -1)
     for t in range(maxd + 1):
         best[t] = _depth_best(st, t)
     m = 0
@@ -798,16 +772,16 @@ def _new_state(
     st.X, st.F = np.zeros((cap, d)), np.zeros(cap)
     st.n, st.best, st.f_best, st.nonfinite, st.f_abs = 0, -1, math.inf, 0, 0.0
     st.slope_max, st.robust_slope = 0.0, 0.0
-    st.nxt, st.head, st.stack = _ifilled(cap, -1), _ifilled(cap, -1), _ifilled(cap, 0)
-    st.cfmax, st.cfmin = _filled(1, cap, -math.inf)[0], _filled(1, cap, math.inf)[0]
-    st.dhead, st.dnext, st.dbest = _ifilled(64, -1), _ifilled(cap, -1), _ifilled(64, -1)
-    st.ddirty = _ifilled(64, 0)
+    st.nxt, st.head, st.stack = np.full(cap, -1), np.full(cap, -1), np.full(cap, 0)
+    st.cfmax, st.cfmin = np.full(cap, -math.inf), np.full(cap, math.inf)
+    st.dhead, st.dnext, st.dbest = np.full(64, -1), np.full(cap, -1), np.full(64, -1)
+    st.ddirty = np.full(64, 0)
     st.clo, st.chi = np.zeros((cap, d)), np.zeros((cap, d))
-    st.bound, st.value = _filled(1, cap, -math.inf)[0], _filled(1, cap, math.inf)[0]
+    st.bound, st.value = np.full(cap, -math.inf), np.full(cap, math.inf)
     st.size, st.key = np.zeros(cap), np.zeros(cap)
-    st.terms = _ifilled(cap * _K, -1).reshape(cap, _K)
-    st.state, st.centre = _ifilled(cap, 0), _ifilled(cap, -1)
-    st.child, st.sdim, st.depth = _ifilled(cap, -1), _ifilled(cap, -1), _ifilled(cap, 0)
+    st.terms = np.full(cap * _K, -1).reshape(cap, _K)
+    st.state, st.centre = np.full(cap, 0), np.full(cap, -1)
+    st.child, st.sdim, st.depth = np.full(cap, -1), np.full(cap, -1), np.full(cap, 0)
     st.nc, st.pruned_min = 0, math.inf
     st.hb, st.hk, st.hc, st.hn = np.zeros(cap), np.zeros(cap), np.zeros(cap, np.int64), 0
     st.pending, st.npend = np.zeros(64, np.int64), 0
