@@ -2,10 +2,10 @@
 
 Measured side by side in one run (the machines are shared and noisy, so only ratios from the same
 run are comparable): each optimizer's whole update (``tx.update`` and ``optax.apply_updates``) is
-one jitted function with the parameters and the state donated, as in a training loop. Per round,
-every optimizer in turn runs ``--warmup`` steps and then ``--steps`` timed steps (each waited
-for); the reported time is the median over ``--rounds`` interleaved rounds of the per-round
-medians, and the ratio is against ``optax.sgd`` with momentum from the same run.
+one jitted function with the parameters and the state donated, as in a training loop. In each of
+``--rounds`` rounds the optimizers take turns step by step (``--warmup`` untimed, then ``--steps``
+timed, each waited for), so that all of them see the same load; reported are the median over
+rounds of each round's median step and of its ratio to ``optax.sgd`` with momentum.
 
     python benchmarks/jax_step_overhead.py                 # CPU, 1 thread, both parameter sets
     python benchmarks/jax_step_overhead.py --weight-decay 0
@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+REF = "optax.sgd(momentum=0.9)"
+
 
 def _single_thread() -> None:
     # Must be set before jax is imported.
@@ -43,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--sets", default="2c2d,resnet18")
     parser.add_argument("--threads", type=int, default=1,
@@ -70,7 +72,7 @@ def main() -> None:
         "bpgrad (L=50, matconvnet)": lambda: bpgrad(50.0, weight_decay=wd),
         "bpgrad (L=auto)": lambda: bpgrad("auto", weight_decay=wd),
         "bpgrad (port style)": lambda: bpgrad(50.0, weight_decay=wd, momentum_style="port"),
-        "optax.sgd(momentum=0.9)": lambda: decayed(optax.sgd(0.01, momentum=0.9)),
+        REF: lambda: decayed(optax.sgd(0.01, momentum=0.9)),
         "optax.adam": lambda: decayed(optax.adam(1e-3)),
     }
     sets = {"2c2d 3.27M": shapes_2c2d(), "ResNet-18 11.7M": shapes_resnet18()}
@@ -95,27 +97,32 @@ def main() -> None:
             params = [jnp.array(b) for b in base]
             runs[name] = [fn, params, tx.init(params)]
         medians: dict[str, list[float]] = {name: [] for name in optimizers}
+        ratios: dict[str, list[float]] = {name: [] for name in optimizers}
         for _ in range(args.rounds):
-            for name, run in runs.items():
-                fn, params, state = run
-                times = []
-                for i in range(args.warmup + args.steps):
+            times: dict[str, list[float]] = {name: [] for name in optimizers}
+            # Step by step in turn, so that every optimizer sees the same load on a shared
+            # machine; the first --warmup steps of each round are not timed.
+            for i in range(args.warmup + args.steps):
+                for name, run in runs.items():
+                    fn, params, state = run
                     start = time.perf_counter()
                     params, state = fn(params, state, grads, loss)
-                    jax.block_until_ready(params)
+                    jax.block_until_ready((params, state))
                     if i >= args.warmup:
-                        times.append(time.perf_counter() - start)
-                run[1], run[2] = params, state
-                medians[name].append(statistics.median(times))
-        ref = statistics.median(medians["optax.sgd(momentum=0.9)"])
-        print(f"\n{set_name} ({len(shapes)} arrays), per-round medians in ms")
-        print("| optimizer | step | vs optax.sgd(momentum) | rounds |")
+                        times[name].append(time.perf_counter() - start)
+                    run[1], run[2] = params, state
+            ref_round = statistics.median(times[REF])
+            for name in optimizers:
+                medians[name].append(statistics.median(times[name]))
+                ratios[name].append(medians[name][-1] / ref_round)
+        print(f"\n{set_name} ({len(shapes)} arrays): median over rounds of the per-round median "
+              f"step, and of the per-round ratio")
+        print(f"| optimizer | step | vs {REF} | per-round ratios |")
         print("|---|---|---|---|")
-        for name, values in medians.items():
-            med = statistics.median(values)
-            rounds = ", ".join(f"{1e3 * v:.2f}" for v in values)
-            print(f"| {name} | {1e3 * med:.3f} ms | {med / ref:.2f}x | {rounds} |")
-
+        for name in optimizers:
+            rounds = ", ".join(f"{r:.2f}" for r in ratios[name])
+            print(f"| {name} | {1e3 * statistics.median(medians[name]):.3f} ms | "
+                  f"{statistics.median(ratios[name]):.2f}x | {rounds} |")
 
 def _step(tx: Any, apply: Callable[..., Any], params: Any, state: Any, grads: Any,
           loss: Any) -> tuple[Any, Any]:

@@ -13,19 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# jax and optax are imported, not importorskip'ed: the `jax` extra is part of the dev install
+# (Makefile), and a missing JAX must fail CI rather than skip these tests silently.
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 import torch
 
-jax = pytest.importorskip("jax")  # CI installs the jax extra, so nothing is skipped there
-optax = pytest.importorskip("optax")
-jax.config.update("jax_enable_x64", True)
+from bpgrad import BPGrad, MissingLossError
+from bpgrad.optax import BPGradState, bpgrad, start_epoch
+from bpgrad.optim._reference import ReferenceBPGrad
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bpgrad import BPGrad, MissingLossError  # noqa: E402
-from bpgrad.optax import BPGradState, bpgrad, start_epoch  # noqa: E402
-from bpgrad.optim._reference import ReferenceBPGrad  # noqa: E402
+jax.config.update("jax_enable_x64", True)  # the float64 oracle comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-12
@@ -158,6 +159,25 @@ def test_one_step_by_hand() -> None:
     updates, state = tx.update(jnp.array([3.0, 4.0]), state, params, value=1.0)
     np.testing.assert_allclose(np.asarray(updates), [-0.125 * 1.9 * 0.6, -0.125 * 1.9 * 0.8],
                                rtol=1e-15)
+
+
+def test_the_scalar_rule_is_the_torch_optimizers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-step scalars come from bpgrad.optim._scalars, not from a JAX copy of the rule.
+    from bpgrad.optax import JaxMath
+    from bpgrad.optim import _scalars
+
+    calls = []
+    original = _scalars.scalar_rule
+
+    def spy(m: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(m)
+        return original(m, *args, **kwargs)
+
+    monkeypatch.setattr(_scalars, "scalar_rule", spy)
+    tx = bpgrad(lipschitz="auto")
+    params = jnp.ones(2)
+    tx.update(jnp.ones(2), tx.init(params), params, value=1.0)
+    assert calls == [JaxMath]
 
 
 def test_complex_parameters_match_torch() -> None:

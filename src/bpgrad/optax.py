@@ -296,7 +296,7 @@ def bpgrad(
         # leak) and turns every coefficient into an identity: beta' = 1*beta + 0/1 and the
         # update 0*beta'. No select on the buffers themselves, which would cost XLA an extra
         # copy and pass over them: the update fuses into the same loops as optax.sgd's.
-        inv_ok = jnp.where(ok, norm, 1.0)
+        norm_ok = jnp.where(ok, norm, 1.0)
         eta_ok = jnp.where(ok, eta, 0.0)
         mu_ok = jnp.where(ok, momentum, 1.0).astype(dtype) if has_buffer else None
         new_updates, new_buffers = [], []
@@ -305,7 +305,7 @@ def bpgrad(
             u = sign * g.astype(ct)
             if has_decay:
                 u = u + weight_decay * p.astype(ct)
-            d = jnp.where(ok, u, 0.0) / inv_ok
+            d = jnp.where(ok, u, 0.0) / norm_ok
             if b is None:
                 step = -eta_ok * d
             elif port:
