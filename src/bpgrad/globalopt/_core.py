@@ -271,33 +271,15 @@ def minimize(
     else:
         raise TypeError(f"seed must be an int, a numpy Generator or None, got {seed!r}.")
     search = search_factory()(
-        lb,
-        ub,
-        lipschitz=lipschitz,
-        rho=rho,
-        f_lower=None if f_lower is None else float(f_lower),
-        tol=tol,
-        maxiter=maxiter,
-        hull=strategy == "hull",
-        seed=seed,
-        safety=lipschitz_safety,
-    )
+        lb, ub, lipschitz=lipschitz, rho=rho, f_lower=None if f_lower is None else float(f_lower),
+        tol=tol, maxiter=maxiter, hull=strategy == "hull", seed=seed, safety=lipschitz_safety,
+    )  # fmt: skip
     run = _Run(
-        search,
-        func=func,
-        args=args,
-        jac=jac,
-        lb=lb,
-        ub=ub,
-        known_L=lipschitz,
-        maxfev=maxfev,
-        f_target=None if f_target is None else float(f_target),
-        polish=bool(polish),
-        polish_maxfev=polish_maxfev,
-        branch=(jac is not None) if branch is None else bool(branch),
-        branch_steps=branch_steps,
-        callback=callback,
-    )
+        search, func=func, args=args, jac=jac, lb=lb, ub=ub, known_L=lipschitz, maxfev=maxfev,
+        f_target=None if f_target is None else float(f_target), polish=bool(polish),
+        polish_maxfev=polish_maxfev, branch=(jac is not None) if branch is None else bool(branch),
+        branch_steps=branch_steps, callback=callback,
+    )  # fmt: skip
     return run.solve()
 
 
