@@ -570,9 +570,11 @@ class BPGrad(Optimizer):
             f = _read(loss) if isinstance(loss, torch.Tensor) else float(loss)
         _check_loss_sign(f, cfg)
         state = {key: _read(gstate[key]) for key in _scalars.STATE_KEYS}
-        # Under AMP the gradients are scaled (GradScaler's scale reaches 2**24 and more): their
-        # squares can overflow float32 while the gradients are finite, so norm them in float64.
-        squared = _host_squared_norm(grads, like.dtype if grad_scale is None else torch.float64)
+        squared = _host_squared_norm(grads, like.dtype)
+        if grad_scale is not None and not math.isfinite(squared):
+            # Scaled gradients (GradScaler) can be finite while their squares overflow float32:
+            # norm them again in float64 (4x slower on the CPU, so only when needed).
+            squared = _host_squared_norm(grads, torch.float64)
         group = _shard_group(first)
         if group is not None:
             squared = _read(_sum_over(torch.tensor(squared, dtype=torch.float64), group))
@@ -624,6 +626,8 @@ class BPGrad(Optimizer):
         elif any(type(g) is not torch.Tensor for g in grads):  # DTensor: needs a collective
             norms = [squared_norm(grads, like.device, like.dtype).sqrt()]
         else:
+            # Under AMP the scaled gradients' squares can overflow float32 although the gradients
+            # are finite, and nothing may be read here to notice: norm them in float64.
             norms = _grad_norms(grads, like.device,
                                 like.dtype if grad_scale is None else torch.float64)
         args = (
