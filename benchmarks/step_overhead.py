@@ -20,9 +20,11 @@ comparison only; it is not part of bpgrad.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -184,10 +186,27 @@ def main() -> None:
                         help="comma-separated substrings: time only matching optimizers (torch's "
                              "fused SGD, the reference, always runs)")
     parser.add_argument("--sets", default="2c2d,ResNet-18", help="parameter sets to time")
+    parser.add_argument("--compare-module", default="",
+                        help="a file defining another BPGrad class (e.g. an earlier version: "
+                             "git show REV:src/bpgrad/optim/bpgrad.py > before.py), timed "
+                             "side by side as 'bpgrad (before.py)'")
     args = parser.parse_args()
+    if args.compare_module:
+        spec = importlib.util.spec_from_file_location("bpgrad_compared", args.compare_module)
+        assert spec is not None and spec.loader is not None
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+
+        def _other(params: list[torch.Tensor], wd: float) -> Callable[[], object]:
+            opt = other.BPGrad(params, lipschitz=1e4, weight_decay=wd)
+            loss = torch.tensor(1.5, device=params[0].device)
+            return lambda: opt.step(loss=loss)
+
+        CANDIDATES[f"bpgrad ({Path(args.compare_module).name})"] = _other
     wanted = [w for w in args.candidates.split(",") if w]
     for label in list(CANDIDATES):
-        if wanted and label != "torch SGD(momentum) fused" and not any(w in label for w in wanted):
+        if (wanted and label != "torch SGD(momentum) fused" and not label.startswith("bpgrad (")
+                and not any(w in label for w in wanted)):
             del CANDIDATES[label]
     torch.set_num_threads(args.threads)
     if args.compile:
