@@ -61,13 +61,15 @@ def test_compare_from_toml_with_lr_grid_and_overrides(tmp_path: Path, capsys) ->
         "weight_decay = 0.0\n"
         '"sgd.momentum" = 0.5\n'
     )
-    assert main(["compare", "--config", str(config)]) == 0
+    assert main(["compare", "--config", str(config), "--weight-decay", "0.001"]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["command"] == f"bpgrad compare --config {config} --weight-decay 0.001"
     labels = sorted(p.name for p in (out / "toy_blobs").iterdir())
     assert labels == ["adam@lr=0.001", "adam@lr=0.01", "adam@lr=0.1",
                       "sgd@lr=0.001", "sgd@lr=0.01", "sgd@lr=0.1"]
     trial = parse_trial(out / "toy_blobs" / "sgd@lr=0.01" / "seed_0.jsonl")
     assert trial.config["optimizer"]["hyperparameters"] == {
-        "lr": 0.01, "momentum": 0.5, "weight_decay": 0.0}
+        "lr": 0.01, "momentum": 0.5, "weight_decay": 0.001}
     assert trial.swept == {"lr": 0.01}
     report = (out / "report.md").read_text()
     assert "selection on the validation split" in report

@@ -155,3 +155,14 @@ def test_the_harness_docs_list_every_option() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "harness.md").read_text()
     for f, _ in option_fields():
         assert f"`{flag_of(f)}" in docs, f"docs/harness.md does not mention {flag_of(f)}"
+
+
+def test_a_config_file_command_adds_only_what_the_command_line_changed(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('problem = "toy_blobs"\nepochs = 4\n[set]\n"sgd.momentum" = 0.5\n')
+    cfg = _parse(["--config", str(path), "--epochs", "2", "--set", "adam.lr=0.1", "--quiet"])
+    extra = cfg.to_argv(base=config_from_mapping(load_toml(path)))
+    assert extra == ["--epochs", "2", "--set", "sgd.momentum=0.5", "--set", "adam.lr=0.1",
+                     "--quiet"]
+    assert _parse(["--config", str(path), *extra]) == cfg
+    assert cfg.to_argv(base=config_from_mapping(load_toml(path), base=CompareConfig())) == extra

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from bpgrad.bench.config import (
     add_arguments,
     check_hyperparameters,
     config_from_args,
+    config_from_mapping,
     describe,
     expand_trials,
     import_modules,
+    load_toml,
 )
 from bpgrad.bench.data.errors import DataError
 from bpgrad.bench.distributed import (
@@ -241,9 +244,13 @@ def cmd_compare(args: argparse.Namespace, *, hooks: TrialHooks | None = None,
 
 
 def _manifest_commands(cfg: CompareConfig, dist: DistContext) -> tuple[str, str]:
-    command = (f"bpgrad compare --config {cfg.config_file}" if cfg.config_file is not None
-               else cfg.to_command())
     full_command = cfg.to_command()
+    command = full_command
+    if cfg.config_file is not None:
+        # The file plus the command-line options that changed it: exact, and short.
+        in_file = config_from_mapping(load_toml(cfg.config_file), source=str(cfg.config_file))
+        command = shlex.join(["bpgrad", "compare", "--config", str(cfg.config_file),
+                              *cfg.to_argv(base=in_file)])
     if dist.enabled:
         if dist.world_size == dist.local_world_size:
             launcher = f" --nproc-per-node {dist.world_size}"

@@ -425,12 +425,16 @@ class CompareConfig:
     #: option of its own: ``--config`` sets it
     config_file: Path | None = None
 
-    def to_argv(self, *, drop: Sequence[str] = ()) -> list[str]:
-        """Command-line words (without ``bpgrad compare``) that give exactly this config."""
+    def to_argv(self, *, drop: Sequence[str] = (),
+                base: CompareConfig | None = None) -> list[str]:
+        """Command-line words (without ``bpgrad compare``) that give exactly this config; with
+        ``base`` (the config of a ``--config`` file), only the options that differ from it."""
         words: list[str] = []
         for f, opt in option_fields():
             value = getattr(self, f.name)
-            if f.name in drop or (value == _default(f) and not opt.always) or value is None:
+            same = (value == getattr(base, f.name) if base is not None
+                    else value == _default(f) and not opt.always)
+            if f.name in drop or same or value is None:
                 continue
             flag = flag_of(f)
             if opt.action in ("store_true", "store_false"):
