@@ -248,7 +248,7 @@ def main() -> int:
         common.run_tasks(tasks, CACHE, worker, a.jobs, log)
     keys = {k for k, _ in probs}
     recs = [r for r in common.load_cache(CACHE) if r["key"] in keys and r["solver"] in a.solvers]
-    text = summarize(recs, a.dims, a.budget) + f"\n\ncommit {common.git_commit()}\n"
+    text = summarize(recs, a.dims, a.budget) + f"\n\n(table written at commit {common.git_commit()})\n"
     print(text)
     if a.report:
         a.report.parent.mkdir(parents=True, exist_ok=True)

@@ -156,12 +156,8 @@ def summarize(
                 cell = f"{v:.0f}" if seeds == 1 else f"{v:.1f}"
                 cells.append(cell if s in full else f"{cell}/{len(own)}")
                 scores.append(v if s in full else None)
-            best_peer = max(
-                (v for s, v in zip(solvers, scores, strict=True)
-                 if not s.startswith("bpgrad") and v is not None),
-                default=float("nan"),
-            )
-            cells = [f"**{c}**" if v is not None and v >= best_peer else c
+            best = max((v for v in scores if v is not None), default=float("nan"))
+            cells = [f"**{c}**" if v is not None and v >= best else c
                      for c, v in zip(cells, scores, strict=True)]
             lines.append(
                 f"| {diff} d={d} ({dist}, {rad}) | {m}·d | {n_fun} | " + " | ".join(cells) + " |"
@@ -251,11 +247,11 @@ def main() -> int:
     keys = {k for k, _ in probs}
     recs = [r for r in common.load_cache(CACHE) if r["key"] in keys and r["solver"] in a.solvers]
     text = (
-        f"Solved functions (f - f* <= {SUCCESS_TOL:g}); bold: at least the best peer.\n\n"
+        f"Solved functions (f - f* <= {SUCCESS_TOL:g}); bold: the most in the row.\n\n"
         + summarize(recs, a.budgets)
         + f"\n\nLooser criterion f - f* <= {a.tol:g}:\n\n"
         + summarize(recs, a.budgets, a.tol).split("\n\n")[0]
-        + f"\n\ncommit {common.git_commit()}\n"
+        + f"\n\n(table written at commit {common.git_commit()})\n"
     )
     print(text)
     if a.report:

@@ -99,7 +99,7 @@ def test_budget_aware_runs_answer_only_their_own_budget() -> None:
     assert gkls_bench.pick([_rec("scipy direct", [], 200)], 2000) == []
 
 
-def test_gkls_table_bolds_bpgrad_only_when_it_matches_the_best_peer() -> None:
+def test_gkls_table_bolds_the_most_solved_in_each_row() -> None:
     def recs(solver: str, solved: int) -> list[dict]:
         return [
             _rec(solver, [(50, -1.0 if k <= solved else -0.5)], 200, difficulty="simple", k=k)
