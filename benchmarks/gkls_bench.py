@@ -177,23 +177,30 @@ def plot(recs: list[dict[str, Any]], path: Path, max_mult: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    solvers = [s for s in common.SOLVERS if any(r["solver"] == s for r in recs)]
+    recs = [r for r in recs if r["budget"] == max_mult * r["dim"]]
+    done = {s: {r["key"] for r in recs if r["solver"] == s} for s in common.SOLVERS}
+    most = max(len(v) for v in done.values())
+    # a solver with a partial set would be scored on other functions: left out, and said so
+    solvers = [s for s in common.SOLVERS if done[s] and len(done[s]) == most]
+    partial = [s for s in common.SOLVERS if done[s] and len(done[s]) < most]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     grid = np.logspace(0, np.log10(max_mult), 120)
     for ax, diff in zip(axes, ("simple", "hard"), strict=True):
         for s in solvers:
-            rs = [r for r in recs if r["solver"] == s and r["difficulty"] == diff
-                  and r["budget"] == max_mult * r["dim"]]
+            rs = [r for r in recs if r["solver"] == s and r["difficulty"] == diff]
             if not rs:
                 continue
             hits = [common.first_hit(r["trace"], r["fstar"], SUCCESS_TOL) for r in rs]
             per_d = [None if h is None else h / r["dim"] for h, r in zip(hits, rs, strict=True)]
             bp = s.startswith("bpgrad")
             ax.step(grid, common.ecdf_curve(per_d, grid), where="post", label=s,
-                    lw=2.2 if bp else 1.2, ls="-" if bp else "--")
+                    lw=2.2 if bp else 1.2, ls="-" if bp else "--", color=f"C{list(common.SOLVERS).index(s)}")
         ax.set_xscale("log")
         ax.set_xlabel("evaluations / d")
-        ax.set_title(f"GKLS {diff} classes, d = 2-5 (f - f* <= {SUCCESS_TOL:g})", fontsize=9)
+        title = f"GKLS {diff} classes, d = 2-5 (f - f* <= {SUCCESS_TOL:g})"
+        if partial:
+            title += f"\nnot shown (partial runs): {', '.join(partial)}"
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of functions solved")
     axes[1].legend(fontsize=7, loc="upper left")
