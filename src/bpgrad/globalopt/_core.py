@@ -208,7 +208,8 @@ def minimize(
             ``StopIteration`` ends the run with status 4. It gets a copy: changing it has no
             effect.
         seed: seeds the only random choice, the order of cells with exactly equal bounds
-            (an integer, or a ``numpy.random.Generator`` that one integer is drawn from);
+            (an integer, or anything ``numpy.random.default_rng`` takes, from which one integer
+            is drawn);
             ``None`` means 0, so a run is reproducible by default.
 
     Raises:
@@ -262,14 +263,12 @@ def minimize(
         raise ValueError(f"strategy must be 'hull' or 'bound', got {strategy!r}.")
     if callback is not None:
         _check_callable("callback", callback)
-    if isinstance(seed, np.random.Generator):
-        seed = int(seed.integers(2**63))
-    elif seed is None:
+    if seed is None:
         seed = 0
     elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         seed = int(seed) & (2**64 - 1)
-    else:
-        raise TypeError(f"seed must be an int, a numpy Generator or None, got {seed!r}.")
+    else:  # a Generator, BitGenerator or SeedSequence: one integer is drawn from it
+        seed = int(np.random.default_rng(seed).integers(2**63))
     search = search_factory()(
         lb, ub, lipschitz=lipschitz, rho=rho, f_lower=None if f_lower is None else float(f_lower),
         tol=tol, maxiter=maxiter, hull=strategy == "hull", seed=seed, safety=lipschitz_safety,
