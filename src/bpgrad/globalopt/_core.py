@@ -569,7 +569,7 @@ class _Run:
             )
         n = len(self.F)
         res.update(
-            status=int(status),
+            status=Status(status),
             success=status in SUCCESS_STATUSES,
             message=message,
             gap=res.fun - res.lower_bound if self.best >= 0 else math.inf,
