@@ -293,3 +293,24 @@ def test_mnist_canvases_real_data() -> None:
     share = torch.bincount(s.test.targets.flatten().long(), minlength=11).double()
     share /= share.sum()
     assert 0.8 < share[0] < 0.97 and (share[1:] > 0).all()  # background dominates, every digit
+
+
+def test_mean_iu_counts_are_summed_over_ranks_even_from_a_rank_without_examples() -> None:
+    # Under several processes the runner all-reduces a fixed vector of sums; mean IU's confusion
+    # counts must be part of it, also on a rank whose shard was empty (it has no keys at all).
+    from bpgrad.bench.runner import _reduce_sums
+
+    class TwoRanks:  # sum_ as two ranks would: this rank's counts plus an empty rank's zeros
+        def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor
+
+    problem = get_problem("mnist_canvas_fcn")
+    sums = {"loss_sum": torch.tensor(3.0), "count": torch.tensor(2.0),
+            "correct": torch.tensor(1.0)}
+    sums.update({k: torch.tensor(float(i + 1)) for i, k in enumerate(problem.split_sum_keys)})
+    mine = _reduce_sums(problem, sums, TwoRanks(), torch.device("cpu"))  # type: ignore[arg-type]
+    empty = _reduce_sums(problem, {}, TwoRanks(), torch.device("cpu"))  # type: ignore[arg-type]
+    assert list(mine) == list(empty)  # the same vector layout on every rank
+    totals = {k: float(mine[k] + empty[k]) for k in mine}
+    metrics = problem.split_metrics(totals)
+    assert set(metrics) == {"mean_iu"} and 0.0 < metrics["mean_iu"] <= 1.0

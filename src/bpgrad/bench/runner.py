@@ -285,10 +285,12 @@ def _reduce_sums(problem: Problem, sums: Mapping[str, torch.Tensor], dist: DistC
                  device: torch.device) -> dict[str, torch.Tensor]:
     """Sum the per-rank metric sums over ranks: one all-reduce of a small vector.
 
-    The keys are fixed (``loss_sum``, ``count``, ``correct``) so that a rank with no examples
-    still takes part.
+    The keys are fixed (``loss_sum``, ``count``, ``correct`` and the problem's
+    ``split_sum_keys``, e.g. mean IU's confusion counts) so that a rank with no examples still
+    takes part.
     """
     keys = ("loss_sum", "count", "correct") if problem.has_accuracy else ("loss_sum", "count")
+    keys = (*keys, *problem.split_sum_keys)
     vec = torch.stack([
         sums[k].to(device=device, dtype=torch.float64) if k in sums
         else torch.zeros((), dtype=torch.float64, device=device)

@@ -106,6 +106,11 @@ class Problem(abc.ABC):
     #: split as ``valid_<name>`` and ``test_<name>``)
     split_metric_names: tuple[str, ...] = ()
 
+    #: keys of :meth:`batch_metrics` beyond ``loss_sum``/``count``/``correct`` that
+    #: :meth:`split_metrics` reads; the runner sums exactly these over ranks, so that a rank
+    #: that saw no example (and so has no keys) still takes part in the same all-reduce
+    split_sum_keys: tuple[str, ...] = ()
+
     def metric_names(self) -> tuple[str, ...]:
         """Names of the metrics the runner should report for this problem."""
         base: tuple[str, ...] = ("train_loss", "valid_loss", "test_loss")

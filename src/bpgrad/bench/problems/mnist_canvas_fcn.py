@@ -145,6 +145,7 @@ class MnistCanvasFCN(Problem):
     validation_size = 500
     eval_batch_size = 500
     split_metric_names = ("mean_iu",)
+    split_sum_keys = tuple(f"{k}_{c}" for k in ("tp", "fp", "fn") for c in range(NUM_CLASSES))
     evaluation = ("after each epoch: per-pixel cross-entropy, pixel accuracy and mean IU (FCN's: "
                   "confusion counts accumulated over the whole split, classes absent from both "
                   "prediction and truth excluded, background included) on the valid canvases "
