@@ -100,10 +100,13 @@ def test_fp32_accumulation_scheduler_and_logging(tmp_path: Path) -> None:
 def test_without_callback_accumulation_would_be_wrong(tmp_path: Path) -> None:
     # Documents why the callback exists: Lightning's closure returns only the last
     # micro-batch's loss / N, so BPGrad without the callback diverges from the plain loop.
+    # Not silently: BPGrad warns once, naming the callback.
     model = Classifier(scheduler=False)
     trainer = make_trainer(tmp_path, max_epochs=1, accumulate_grad_batches=4, callbacks=[],
                            logger=False)
-    trainer.fit(model)
+    with pytest.warns(UserWarning, match="accumulate_grad_batches=4 but without") as caught:
+        trainer.fit(model)
+    assert sum("BPGradCallback" in str(w.message) for w in caught) == 1
     ref = plain_loop(epochs=1, accum=4)
     assert float(trainer.optimizers[0].stats["running_min"]) != pytest.approx(
         float(ref.opt.stats["running_min"]), rel=1e-4)

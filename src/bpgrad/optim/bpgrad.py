@@ -227,6 +227,7 @@ class BPGrad(Optimizer):
         self._hyper_cache: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
         self._host_views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         self._warned_set_loss_twice = False
+        self._checked_closure = False
         super().__init__(params, defaults)
         _warn_scaled_step(lr, lipschitz)
 
@@ -262,6 +263,7 @@ class BPGrad(Optimizer):
         self.__dict__.setdefault("_hyper_cache", {})
         self.__dict__.setdefault("_host_views", {})
         self.__dict__.setdefault("_warned_set_loss_twice", False)
+        self.__dict__.setdefault("_checked_closure", False)
         _fill_group_defaults(self.param_groups, self.defaults)
 
 
@@ -457,6 +459,9 @@ class BPGrad(Optimizer):
         """
         closure_loss = None
         if closure is not None:
+            if not self.__dict__.get("_checked_closure", False):
+                self._checked_closure = True
+                _warn_lightning_accumulation(closure)
             with torch.enable_grad():
                 closure_loss = closure()
         if closure_loss is not None:
@@ -689,6 +694,28 @@ def _has_triton() -> bool:
     except ImportError:  # pragma: no cover - very old torch
         return False
     return bool(has_triton())
+
+
+def _warn_lightning_accumulation(closure: Callable[..., Any]) -> None:
+    # Lightning's precision plugins hand the optimizer functools.partial(_wrap_closure, model,
+    # optimizer, closure), and that closure returns only the last micro-batch's loss / N while the
+    # gradient is the sum of N micro-batches'. BPGradCallback's LossHook wraps the closure
+    # before it reaches here, so an unwrapped Lightning closure with N > 1 means the callback is
+    # missing. Checked once, at the first closure step.
+    func = getattr(closure, "func", None)
+    if not getattr(func, "__module__", "").startswith(("lightning", "pytorch_lightning")):
+        return
+    for arg in getattr(closure, "args", ()):
+        trainer = getattr(arg, "_trainer", None)
+        if trainer is not None and int(getattr(trainer, "accumulate_grad_batches", 1)) > 1:
+            warnings.warn(
+                f"BPGrad under Lightning with accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} but without "
+                "bpgrad.integrations.BPGradCallback: Lightning gives BPGrad only the last "
+                "micro-batch's loss while the gradient sums all of them, so every step size is "
+                "wrong. Add BPGradCallback() to the Trainer's callbacks (or return it from the "
+                "LightningModule's configure_callbacks).", UserWarning, stacklevel=4)
+            return
 
 
 def _warn_scaled_step(lr: float | torch.Tensor, lipschitz: Any) -> None:
