@@ -266,7 +266,6 @@ class BPGrad(Optimizer):
         self.__dict__.setdefault("_checked_closure", False)
         _fill_group_defaults(self.param_groups, self.defaults)
 
-
     # ------------------------------------------------------------------ loss plumbing
     def set_loss(self, loss: torch.Tensor | float) -> None:
         """Give the loss for the next ``step()``; for trainers that call ``step()`` bare.
@@ -317,7 +316,6 @@ class BPGrad(Optimizer):
             if key in state:
                 out["steps" if key == "step" else key] = state[key]
         return out
-
 
     def momentum_direction(self, param: torch.Tensor) -> torch.Tensor | None:
         """The momentum buffer of ``param`` as the paper's ``-v`` (``None`` before its first step).
@@ -574,6 +572,7 @@ class BPGrad(Optimizer):
             # without a warning for a tensor that requires grad).
             f = _read(loss) if isinstance(loss, torch.Tensor) else float(loss)
         _check_loss_sign(f, cfg)
+        inf_found = found_inf is not None and _read(found_inf) != 0.0
         state = {key: _read(gstate[key]) for key in _scalars.STATE_KEYS}
         squared = _host_squared_norm(grads, like.dtype)
         if grad_scale is not None and not math.isfinite(squared):
@@ -590,12 +589,9 @@ class BPGrad(Optimizer):
                          for g in self.param_groups],
             rhos=[g["rho"] for g in self.param_groups],
             grad_scale=None if grad_scale is None else _read(grad_scale),
-            found_inf=None if found_inf is None else _read(found_inf))
-        amp_overflow = found_inf is not None and _read(found_inf) != 0.0
-        if first["strict"] and not out.ok and not amp_overflow:  # GradScaler's skip is normal
-            raise BPGradError(
-                f"BPGrad strict mode: refusing a step with loss={out.loss:.6g} and gradient "
-                f"norm={out.norm:.6g} (need a finite loss >= 0 and a finite, non-zero norm)")
+            found_inf=None if found_inf is None else float(inf_found))
+        if first["strict"] and not out.ok and not inf_found:  # GradScaler's skip is normal
+            raise _strict_refusal(out.loss, out.norm)
         for key, value in out.state.items():
             if value != state[key] or math.isnan(value) != math.isnan(state[key]):
                 self._host_view(key, gstate[key])[()] = value
@@ -656,9 +652,7 @@ class BPGrad(Optimizer):
         etas, lipschitzes, steps = values[6:6 + n], values[6 + n:6 + 2 * n], values[6 + 2 * n:]
         if (first["strict"] and not torch.compiler.is_compiling() and not bool(ok)
                 and not (found_inf is not None and bool(found_inf != 0))):  # AMP's skip is normal
-            raise BPGradError(
-                f"BPGrad strict mode: refusing a step with loss={float(f_used):.6g} and gradient "
-                f"norm={float(norm):.6g} (need a finite loss >= 0 and a finite, non-zero norm)")
+            raise _strict_refusal(float(f_used), float(norm))
         # Updated in place: torch.compile replays in-place dict mutations reliably, while a
         # rebinding of an optimizer attribute inside a compiled step is not reflected outside.
         self._last.update(
@@ -731,6 +725,12 @@ def _warn_scaled_step(lr: float | torch.Tensor, lipschitz: Any) -> None:
         UserWarning, stacklevel=3)
 
 
+def _strict_refusal(loss: float, norm: float) -> BPGradError:
+    return BPGradError(
+        f"BPGrad strict mode: refusing a step with loss={loss:.6g} and gradient norm={norm:.6g} "
+        "(need a finite loss >= 0 and a finite, non-zero norm)")
+
+
 def _check_loss_sign(value: float, cfg: _scalars.RuleConfig) -> None:
     f = (-value if cfg.maximize else value) - cfg.loss_lower_bound
     if math.isfinite(f) and f < 0.0:
@@ -780,7 +780,7 @@ def _read(t: torch.Tensor) -> float:
 
 
 def _host_value(value: float | torch.Tensor) -> float:
-    return value.item() if isinstance(value, torch.Tensor) else value
+    return _read(value) if isinstance(value, torch.Tensor) else value
 
 
 def _grad_norms(grads: list[torch.Tensor], device: torch.device,
@@ -798,17 +798,8 @@ def _grad_norms(grads: list[torch.Tensor], device: torch.device,
 
 def _host_squared_norm(grads: list[torch.Tensor], dtype: torch.dtype) -> float:
     # The per-tensor norms in one stacked tensor, summed in float64 on the host.
-    total = 0.0
-    for norms in _bucketed_norms(grads, dtype):
-        total += math.fsum(v * v for v in torch.stack(norms).tolist())
-    return total
-
-
-def _bucketed_norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[list[torch.Tensor]]:
-    buckets: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        buckets.setdefault(g.dtype, []).append(g)
-    return [list(torch._foreach_norm(b, 2, dtype=dtype)) for b in buckets.values()]
+    norms = _grad_norms(grads, torch.device("cpu"), dtype)
+    return math.fsum(v * v for v in torch.stack(norms).tolist()) if norms else 0.0
 
 
 def _same_option(a: Any, b: Any) -> bool:
