@@ -36,8 +36,11 @@ class Search(Protocol):
     def insert_term(self, i: int) -> None: ...
     def in_ball(self, y: FloatArray) -> bool: ...
     def start(self) -> None: ...
-    def advance(self, queued: bool, nit: int) -> int: ...
-    def points(self) -> FloatArray: ...
+    def advance(self, queued: bool, nit: int, limit: int) -> tuple[int, int, FloatArray]: ...
+    def take(
+        self, x: FloatArray, f: float, g: FloatArray | None, kind: int, queued: bool, nit: int,
+        limit: int,
+    ) -> tuple[int, tuple[int, int, FloatArray]]: ...  # fmt: skip
     def finish(self, idx: list[int]) -> None: ...
     def info(self) -> tuple[float, float, float, float, float, int]: ...
 
@@ -52,6 +55,8 @@ def _compiled_search() -> Callable[..., Search]:
         ) from exc
     return CompiledSearch
 
+
+_NO_LIMIT = 2**62  # iterations per ``advance`` call when no callback needs each one
 
 # Which search ``minimize`` runs; the tests swap in ``ReferenceSearch`` here.
 search_factory: Callable[[], Callable[..., Search]] = _compiled_search
@@ -323,6 +328,7 @@ class _Run:
         self.do_branch, self.branch_steps = branch, branch_steps
         self.callback = callback
         self.nfev = self.njev = self.nit = 0
+        self.queue: list[tuple[int, int]] = []  # (sample, depth) to branch from, the next last
         self.X: list[FloatArray] = []
         self.F: list[float] = []
         self.kind: list[int] = []
@@ -332,12 +338,22 @@ class _Run:
 
     # ---- evaluation: the only place that calls user code ----
     def evaluate(self, x: FloatArray, kind: int, want_grad: bool) -> int:
+        i, f, g = self._observe(x, kind, want_grad)
+        self.search.add(self.X[i], f, g, kind)
+        if self._hit(f):
+            raise _Stop(Status.TARGET)
+        return i
+
+    def _observe(
+        self, x: FloatArray, kind: int, want_grad: bool
+    ) -> tuple[int, float, FloatArray | None]:
+        """Call func at x and record the sample here (the caller hands it to the search)."""
         if self.nfev >= self.maxfev:
             raise _Stop(Status.MAXFEV)
         x = np.array(x, dtype=np.float64)
         self.nfev += 1
         f, g = self._call(x, want_grad)
-        i = self.search.add(x, f, g, kind)
+        i = len(self.F)
         self.X.append(x)
         self.F.append(f)
         self.kind.append(kind)
@@ -347,9 +363,10 @@ class _Run:
             self.nonfinite += 1
         elif f < self.f_best:
             self.best, self.f_best = i, f
-        if self.f_target is not None and f <= self.f_target:
-            raise _Stop(Status.TARGET)
-        return i
+        return i, f, g
+
+    def _hit(self, f: float) -> bool:
+        return self.f_target is not None and f <= self.f_target
 
     def _call(self, x: FloatArray, want_grad: bool) -> tuple[float, FloatArray | None]:
         """func (and jac when asked) at x: the value and the gradient or None."""
@@ -408,54 +425,82 @@ class _Run:
     # ---- the loop ----
     def solve(self) -> OptimizeResult:
         status = -1
-        queue: list[tuple[int, int]] = []  # (sample, depth) to branch from, the next last
         S = self.search
+        limit = 1 if self.callback is not None else _NO_LIMIT
         try:
             self.evaluate(0.5 * (self.lb + self.ub), GLOBAL, self.do_branch)
             S.start()
-            self._after_sample(0, queue, 0)
-            while True:
-                ev = S.advance(bool(queue), self.nit)
+            self._after_sample(0, 0)
+            step: tuple[int, int, FloatArray] | None = S.advance(bool(self.queue), self.nit, limit)
+            while step is not None:
+                ev, k, points = step
+                self.nit += k  # iterations without evaluation that ran inside advance
                 if ev == Event.STOP:
                     status = S.info()[5]
                     break
+                step = None
                 if ev == Event.BRANCH:
-                    i, depth = queue.pop()
-                    self._branch(i, depth, queue)
+                    self._branch(*self.queue.pop())
                 elif ev == Event.EVAL:
-                    for i in self._evaluate_points(S.points()):
-                        self._after_sample(i, queue, 0)
+                    step = self._evaluate_points(points, merge=limit == _NO_LIMIT)
                 self.nit += 1
                 if self._call_back():
                     status = Status.CALLBACK
                     break
+                if step is None:
+                    step = S.advance(bool(self.queue), self.nit, limit)
         except _Stop as stop:
             status = stop.status
         if self.nonfinite == len(self.F):
             status = Status.NONFINITE
         return self._result(status)
 
-    def _evaluate_points(self, points: FloatArray) -> list[int]:
+    def _evaluate_points(self, points: FloatArray, merge: bool) -> tuple[int, int, FloatArray] | None:
         """Evaluate the centres a division asked for and hand them back to it, also when the
-        run stops half way (the cells must still be placed for the lower bound to hold)."""
+        run stops half way (the cells must still be placed for the lower bound to hold).
+
+        With ``merge`` (no callback), when none of the new samples starts a polish or a branch
+        chain and none reaches f_target, nothing runs between the division and the next
+        iterations: the last sample, the division's end and those iterations go to the search
+        in one call (``take``), whose next step is returned."""
         idx = [-1] * len(points)
+        step = None
         try:
             for j, y in enumerate(points):
-                idx[j] = self.evaluate(y, GLOBAL, self.do_branch)
+                i, f, g = self._observe(y, GLOBAL, self.do_branch)
+                if merge and j == len(points) - 1 and not self._hit(f):
+                    if not any(self._acts(q) for q in [*idx[:j], i]):
+                        _, step = self.search.take(
+                            self.X[i], f, g, GLOBAL, bool(self.queue), self.nit + 1, _NO_LIMIT
+                        )
+                        return step
+                self.search.add(self.X[i], f, g, GLOBAL)
+                if self._hit(f):
+                    raise _Stop(Status.TARGET)
+                idx[j] = i
         finally:
-            self.search.finish(idx)
-        return [i for i in idx if i >= 0]
+            if step is None:
+                self.search.finish(idx)
+        for i in idx:
+            self._after_sample(i, 0)
+        return None
 
-    def _after_sample(self, i: int, queue: list[tuple[int, int]], depth: int) -> None:
+    def _acts(self, i: int, depth: int = 0) -> bool:
+        """Whether ``_after_sample(i, depth)`` would polish or queue a branch step."""
+        if not math.isfinite(self.F[i]):
+            return False
+        return (i == self.best and self.do_polish) or (self.do_branch and depth < self.branch_steps)
+
+    def _after_sample(self, i: int, depth: int) -> None:
         """A branch or re-sampling evaluation: polish a new best point, else branch from it."""
         if not math.isfinite(self.F[i]):
             return
         if i == self.best and self.do_polish:
             self._polish(i)
         elif self.do_branch and depth < self.branch_steps:
-            queue.append((i, depth))
+            self.queue.append((i, depth))
 
-    def _branch(self, i: int, depth: int, queue: list[tuple[int, int]]) -> None:
+    def _branch(self, i: int, depth: int) -> None:
         g = self.gradient(i)
         if g is None:
             return
@@ -470,7 +515,7 @@ class _Run:
             return
         k = self.evaluate(y, BRANCH, True)
         self.search.insert_term(k)
-        self._after_sample(k, queue, depth + 1)
+        self._after_sample(k, depth + 1)
 
     def _polish(self, i0: int) -> None:
         """Projected BFGS with Armijo backtracking from sample i0, at most polish_maxfev calls."""

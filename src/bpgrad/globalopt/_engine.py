@@ -110,6 +110,8 @@ def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
     if c == st.bound.shape[0]:
         st.clo = _more_f2(st.clo, 0.0)
         st.chi = _more_f2(st.chi, 0.0)
+        st.slo = _more_f2(st.slo, math.inf)
+        st.shi = _more_f2(st.shi, -math.inf)
         st.bound = _more(st.bound, -math.inf)
         st.value = _more(st.value, math.inf)
         st.size = _more(st.size, 0.0)
@@ -396,8 +398,22 @@ def _divide(st: Any, ci: int) -> int:
 
 
 @jit
-def advance(st: Any, queued: bool, nit: int) -> int:
-    """``ReferenceSearch.advance``: one iteration up to the next point where Python acts."""
+def _info(st: Any) -> tuple[float, float, float, float, float, int]:
+    return st.L, _fhat(st), _lower_bound(st), st.slope_max, st.robust_slope, st.status
+
+
+@jit
+def _points(st: Any) -> Any:
+    out = np.empty((st.ntodo, st.lb.shape[0]))
+    for i in range(st.ntodo):
+        for j in range(st.lb.shape[0]):
+            out[i, j] = st.todo[i, j]
+    return out
+
+
+@jit
+def _iterate(st: Any, queued: bool, nit: int) -> int:
+    """``ReferenceSearch._iterate``: one iteration."""
     _refresh_L(st)
     lower = _lower_bound(st)
     may = st.known or st.n - st.nonfinite >= 10 * (st.X.shape[1] + 1)
@@ -430,17 +446,28 @@ def advance(st: Any, queued: bool, nit: int) -> int:
 
 
 @jit
-def _info(st: Any) -> tuple[float, float, float, float, float, int]:
-    return st.L, _fhat(st), _lower_bound(st), st.slope_max, st.robust_slope, st.status
+def advance(st: Any, queued: bool, nit: int, limit: int) -> tuple[int, int, Any]:
+    """``ReferenceSearch.advance``: iterations up to the next point where Python acts."""
+    k = 0
+    while True:
+        ev = _iterate(st, queued, nit + k)
+        if ev != _DONE or k + 1 >= limit:
+            return ev, k, _points(st)
+        k += 1
 
 
 @jit
-def _points(st: Any) -> Any:
-    out = np.empty((st.ntodo, st.lb.shape[0]))
-    for i in range(st.ntodo):
-        for j in range(st.lb.shape[0]):
-            out[i, j] = st.todo[i, j]
-    return out
+def take(
+    st: Any, x: Any, f: float, g: Any, has_g: bool, queued: bool, nit: int, limit: int
+) -> tuple[int, int, int, Any]:
+    """``ReferenceSearch.take``: the last point of a division, the division, and on."""
+    i = add(st, x, f, g, has_g)
+    idx = np.empty(st.ntodo, np.int64)
+    for q in range(st.ntodo):
+        idx[q] = i - st.ntodo + 1 + q
+    finish(st, idx)
+    ev, k, pts = advance(st, queued, nit, limit)
+    return i, ev, k, pts
 
 
 class CompiledSearch:
@@ -479,11 +506,15 @@ class CompiledSearch:
     def start(self) -> None:
         start(self.st)
 
-    def advance(self, queued: bool, nit: int) -> int:
-        return int(advance(self.st, queued, nit))
+    def advance(self, queued: bool, nit: int, limit: int) -> tuple[int, int, Any]:
+        return advance(self.st, queued, nit, limit)
 
-    def points(self) -> Any:
-        return _points(self.st)
+    def take(
+        self, x: Any, f: float, g: Any, kind: int, queued: bool, nit: int, limit: int
+    ) -> tuple[int, tuple[int, int, Any]]:
+        i, ev, k, pts = take(self.st, x, f, self._nog if g is None else g, g is not None,
+                             queued, nit, limit)  # fmt: skip
+        return i, (ev, k, pts)
 
     def finish(self, idx: list[int]) -> None:
         finish(self.st, np.array(idx, dtype=np.int64))

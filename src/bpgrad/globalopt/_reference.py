@@ -9,10 +9,13 @@ Both classes are driven by ``_core._Run`` through the same small interface:
 
 * ``add(x, f, g, kind) -> i`` records an evaluated sample (and updates L and the best value);
   ``insert_term(i)`` lets a sample that is not a cell centre tighten its cell's bound;
-* ``advance(queued, nit) -> Event`` runs one iteration of the search up to the next point where
-  Python must act: ``EVAL`` (evaluate the rows of ``points()``, ``add`` them and hand their
-  indices to ``finish``), ``DONE`` (an iteration without evaluation), ``BRANCH`` (the driver takes
-  one queued branch step), ``STOP`` (``status`` says why);
+* ``advance(queued, nit, limit) -> (event, k, points)`` runs iterations of the search (at most
+  ``limit``) up to the next point where Python must act: ``EVAL`` (evaluate the rows of
+  ``points``, ``add`` them and hand their indices to ``finish``), ``DONE`` (an iteration without
+  evaluation), ``BRANCH`` (the driver takes one queued branch step), ``STOP`` (``status`` says
+  why); k iterations without evaluation ran before it;
+* ``take(x, f, g, kind, queued, nit, limit)`` is ``add`` of a division's last point, ``finish``
+  and ``advance`` in one call (one compiled call per evaluation in the common case);
 * ``in_ball(y)``, ``fhat()``, ``lower_bound()`` and the scalars ``L``, ``slope_max``,
   ``robust_slope``, ``status``.
 """
@@ -332,7 +335,27 @@ class ReferenceSearch:
         self.status = int(status)
         return Event.STOP
 
-    def advance(self, queued: bool, nit: int) -> Event:
+    def advance(self, queued: bool, nit: int, limit: int) -> tuple[Event, int, FloatArray]:
+        """Iterations until one asks something of the driver, or ``limit`` of them ran:
+        (the last one's event, how many ``DONE`` iterations came before it, its points)."""
+        k = 0
+        while True:
+            ev = self._iterate(queued, nit + k)
+            if ev != Event.DONE or k + 1 >= limit:
+                return ev, k, self.points()
+            k += 1
+
+    def take(
+        self, x: FloatArray, f: float, g: FloatArray | None, kind: int, queued: bool, nit: int,
+        limit: int,
+    ) -> tuple[int, tuple[Event, int, FloatArray]]:  # fmt: skip
+        """``add`` the last point of a division, ``finish`` the division, then ``advance``."""
+        n = len(self._todo)
+        i = self.add(x, f, g, kind)
+        self.finish(list(range(i - n + 1, i + 1)))
+        return i, self.advance(queued, nit, limit)
+
+    def _iterate(self, queued: bool, nit: int) -> Event:
         self._refresh_L()
         lower = self.lower_bound()
         if math.isfinite(self.f_best) and self.may_conclude() and self.f_best - lower <= self.tol:

@@ -4,9 +4,10 @@ The state is one numba ``StructRef`` whose fields are named like the attributes 
 ``_reference.ReferenceSearch``, so a compiled call passes one pointer. The queries over the
 samples (ball test, slope update, the bound and kept samples of a new cell) walk the tree of
 cells: each sample is listed at the cell that was a leaf where it fell, each cell keeps the
-largest and smallest finite value below it, and a subtree whose box and values show that no
-sample in it can reach the threshold is skipped. Those bounds carry a relative margin, so
-rounding can only add a subtree to the walk, never hide a sample.
+largest and smallest finite value below it and the bounding box of those samples (much smaller
+than the cell's box in the coordinates its subtree has not split yet), and a subtree whose box
+and values show that no sample in it can reach the threshold is skipped. Those bounds carry a
+relative margin, so rounding can only add a subtree to the walk, never hide a sample.
 
 numba's disk cache tracks each file on its own: after editing this module, clear the
 ``__pycache__`` folder (or touch ``_engine.py``) so that the engine is compiled again.
@@ -57,8 +58,9 @@ _FIELDS = [
     ("clo", _f2), ("chi", _f2), ("bound", _f1), ("value", _f1), ("size", _f1), ("key", _f1),
     ("terms", _i2), ("state", _i1), ("centre", _i1), ("child", _i1), ("sdim", _i1),
     ("depth", _i1), ("nc", types.int64), ("pruned_min", types.float64),
-    # the query tree over the cells: first listed sample, largest and smallest finite value below
-    ("head", _i1), ("cfmax", _f1), ("cfmin", _f1), ("stack", _i1),
+    # the query tree over the cells: first listed sample; largest and smallest finite value
+    # below, and the bounding box of those samples
+    ("head", _i1), ("cfmax", _f1), ("cfmin", _f1), ("slo", _f2), ("shi", _f2), ("stack", _i1),
     # per depth: its cells (linked by dnext), and the best hull candidate unless dirty
     ("dhead", _i1), ("dnext", _i1), ("dbest", _i1), ("ddirty", _i1),
     # lazy heap of live cells by (bound, key, cell); hull cells still to divide
@@ -139,16 +141,17 @@ def _far(X: Any, i: int, lo: Any, hi: Any) -> float:
 
 
 @jit
-def _gap(clo: Any, chi: Any, c: int, y: Any, half: Any) -> float:
-    """Distance from y to cell c's box, plus ``half`` per coordinate: with y the centre of a
-    box of half-widths half, the least far-corner distance of a point of c's box to it.
+def _gap(lo: Any, hi: Any, c: int, y: Any, half: Any) -> float:
+    """Distance from y to the box [lo[c], hi[c]], plus ``half`` per coordinate: with y the
+    centre of a box of half-widths half, the least far-corner distance of a point of c's box to
+    it.
 
     The hot helpers take arrays, not the state: each read of a state field takes and drops a
     reference to the array (two atomic operations), which in inner loops costs more than the
     arithmetic."""
     s = 0.0
     for j in range(y.shape[0]):
-        t = max(max(clo[c, j] - y[j], y[j] - chi[c, j]), 0.0) + half[j]
+        t = max(max(lo[c, j] - y[j], y[j] - hi[c, j]), 0.0) + half[j]
         s += t * t
     return math.sqrt(s)
 
@@ -171,6 +174,9 @@ def _index(st: Any, i: int) -> None:
         if math.isfinite(f):
             st.cfmax[c] = max(st.cfmax[c], f)
             st.cfmin[c] = min(st.cfmin[c], f)
+            for j in range(x.shape[0]):
+                st.slo[c, j] = min(st.slo[c, j], x[j])
+                st.shi[c, j] = max(st.shi[c, j], x[j])
         if st.state[c] != _SPLIT:
             break
         k, a = st.sdim[c], st.child[c]
@@ -205,13 +211,13 @@ def _lower_above(st: Any, y: Any, thr: float) -> float:
     best = -math.inf
     top = 1 if st.nc > 0 else 0
     F, X, L, head, nxt, cfmax = st.F, st.X, st.L, st.head, st.nxt, st.cfmax
-    clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
+    slo, shi, state, child, stack = st.slo, st.shi, st.state, st.child, st.stack
     zero = np.zeros(y.shape[0])
     stack[0] = 0
     while top > 0:
         top -= 1
         c = stack[top]
-        if cfmax[c] - L * _gap(clo, chi, c, y, zero) < thr - _slack(st, thr):
+        if cfmax[c] - L * _gap(slo, shi, c, y, zero) < thr - _slack(st, thr):
             continue
         i = head[c]
         while i >= 0:
@@ -251,7 +257,7 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
         smax, rob = st.slope_max, st.robust_slope
         top = 1 if st.nc > 0 else 0
         F, X, head, nxt, cfmax, cfmin = st.F, st.X, st.head, st.nxt, st.cfmax, st.cfmin
-        clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
+        slo, shi, state, child, stack = st.slo, st.shi, st.state, st.child, st.stack
         zero = np.zeros(x.shape[0])
         stack[0] = 0
         while top > 0:
@@ -259,7 +265,7 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
             c = stack[top]
             # can no sample below c raise the smaller of the two maxima?
             df = max(f - cfmin[c], cfmax[c] - f)
-            if not df >= min(smax, rob) * (1 - _MARGIN) * _gap(clo, chi, c, x, zero):
+            if not df >= min(smax, rob) * (1 - _MARGIN) * _gap(slo, shi, c, x, zero):
                 continue
             j = head[c]
             while j >= 0:
@@ -333,6 +339,7 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
     F, X, L, head, nxt, cfmax = st.F, st.X, st.L, st.head, st.nxt, st.cfmax
     clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
     lo, hi = clo[c], chi[c]
+    slo, shi = st.slo, st.shi
     if parent >= 0:
         for q in range(_K):
             if st.terms[parent, q] >= 0:
@@ -350,7 +357,7 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
         u = stack[top]
         if cnt == _K:
             cut = tv[_K - 1]
-            if cfmax[u] - L * _gap(clo, chi, u, y, half) < cut - _slack(st, cut):
+            if cfmax[u] - L * _gap(slo, shi, u, y, half) < cut - _slack(st, cut):
                 continue
         i = head[u]
         while i >= 0:
@@ -385,6 +392,7 @@ def _new_state(
     st.dhead, st.dnext, st.dbest = np.full(64, -1), np.full(cap, -1), np.full(64, -1)
     st.ddirty = np.full(64, 0)
     st.clo, st.chi = np.zeros((cap, d)), np.zeros((cap, d))
+    st.slo, st.shi = np.full((cap, d), math.inf), np.full((cap, d), -math.inf)
     st.bound, st.value = np.full(cap, -math.inf), np.full(cap, math.inf)
     st.size, st.key = np.zeros(cap), np.zeros(cap)
     st.terms = np.full(cap * _K, -1).reshape(cap, _K)
