@@ -29,6 +29,9 @@ _LEAF, _SPLIT, _PRUNED, _RETIRED = 0, 1, 2, 3
 _MARGIN = 1e-9  # relative safety margin of the subtree bounds
 
 jit = njit(cache=True, nogil=True)
+# The small helpers of the walks are inlined into their callers: a call that passes arrays
+# takes and drops a reference to each (atomic operations), which costs more than the helper.
+hot = njit(cache=True, nogil=True, inline="always")
 
 
 @structref.register
@@ -121,7 +124,7 @@ def _cell_key(seed: Any, c: int) -> float:
     return float(z >> np.uint64(11)) * 2.0**-53
 
 
-@jit
+@hot
 def _dist(X: Any, i: int, y: Any) -> float:
     s = 0.0
     for c in range(y.shape[0]):
@@ -130,7 +133,7 @@ def _dist(X: Any, i: int, y: Any) -> float:
     return math.sqrt(s)
 
 
-@jit
+@hot
 def _far(X: Any, i: int, lo: Any, hi: Any) -> float:
     """Distance from sample i to the farthest corner of the box [lo, hi]."""
     s = 0.0
@@ -140,15 +143,14 @@ def _far(X: Any, i: int, lo: Any, hi: Any) -> float:
     return math.sqrt(s)
 
 
-@jit
+@hot
 def _gap(lo: Any, hi: Any, c: int, y: Any, half: Any) -> float:
     """Distance from y to the box [lo[c], hi[c]], plus ``half`` per coordinate: with y the
     centre of a box of half-widths half, the least far-corner distance of a point of c's box to
     it.
 
     The hot helpers take arrays, not the state: each read of a state field takes and drops a
-    reference to the array (two atomic operations), which in inner loops costs more than the
-    arithmetic."""
+    reference to the array."""
     s = 0.0
     for j in range(y.shape[0]):
         t = max(max(lo[c, j] - y[j], y[j] - hi[c, j]), 0.0) + half[j]
@@ -156,13 +158,15 @@ def _gap(lo: Any, hi: Any, c: int, y: Any, half: Any) -> float:
     return math.sqrt(s)
 
 
-@jit
-def _walk(state: Any, child: Any, stack: Any, c: int, out: int) -> int:
-    """Push the children of cell c (if divided) onto the walk's stack; returns its size."""
+@hot
+def _walk(state: Any, child: Any, cfmax: Any, stack: Any, c: int, out: int) -> int:
+    """Push the children of cell c (if divided) that hold a finite sample onto the walk's
+    stack; returns its size."""
     if state[c] == _SPLIT:
         for q in range(3):
-            stack[out] = child[c] + q
-            out += 1
+            if cfmax[child[c] + q] > -math.inf:
+                stack[out] = child[c] + q
+                out += 1
     return out
 
 
@@ -185,7 +189,7 @@ def _index(st: Any, i: int) -> None:
     st.head[c] = i
 
 
-@jit
+@hot
 def _slack(st: Any, thr: float) -> float:
     return _MARGIN * (abs(thr) + st.f_abs + st.L * st.diag) + 1e-300
 
@@ -228,7 +232,7 @@ def _lower_above(st: Any, y: Any, thr: float) -> float:
                     if best > thr:
                         return best
             i = nxt[i]
-        top = _walk(state, child, stack, c, top)
+        top = _walk(state, child, cfmax, stack, c, top)
     return best
 
 
@@ -275,7 +279,7 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
                     smax = max(smax, a / dist)
                     rob = max(rob, (a - SLOPE_RTOL * (abs(F[j]) + abs(f))) / dist)
                 j = nxt[j]
-            top = _walk(state, child, stack, c, top)
+            top = _walk(state, child, cfmax, stack, c, top)
         st.slope_max, st.robust_slope = smax, rob
     if has_g:
         s = 0.0
@@ -337,9 +341,8 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
     ti = np.full(_K, -1)
     cnt = 0
     F, X, L, head, nxt, cfmax = st.F, st.X, st.L, st.head, st.nxt, st.cfmax
-    clo, chi, state, child, stack = st.clo, st.chi, st.state, st.child, st.stack
-    lo, hi = clo[c], chi[c]
-    slo, shi = st.slo, st.shi
+    state, child, stack, slo, shi = st.state, st.child, st.stack, st.slo, st.shi
+    lo, hi = st.clo[c], st.chi[c]
     if parent >= 0:
         for q in range(_K):
             if st.terms[parent, q] >= 0:
@@ -363,7 +366,7 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
         while i >= 0:
             cnt = _offer(F, X, L, lo, hi, i, tv, ti, cnt)
             i = nxt[i]
-        top = _walk(state, child, stack, u, top)
+        top = _walk(state, child, cfmax, stack, u, top)
     _set_row(st.terms, c, ti)
     st.bound[c] = tv[0]
 
