@@ -29,7 +29,8 @@ from bpgrad.bench.problems import get_problem
 from bpgrad.bench.runner import Budget, RunOptions, run_trial
 
 #: short budgets (epochs) sized for the shared 2-core CPU
-BUDGET = {"teacher_student": 60, "segment_mlp": 20, "fortunes_lstm": 1, "mnist_canvas_fcn": 3}
+BUDGET = {"teacher_student": 60, "segment_mlp": 20, "fortunes_lstm": 1, "mnist_canvas_fcn": 3,
+          "mnist_lenet": 1, "fmnist_2c2d": 1}
 LR_FREE = ["bpgrad_auto", "prodigy", "dadapt_sgd", "dadapt_adam", "schedulefree_sgd",
            "schedulefree_adamw", "dog", "alig", "momo", "momo_adam", "momsps", "sps_safe"]
 GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -57,6 +58,8 @@ METRIC = {
     "segment_mlp": Metric("valid_accuracy", "test_accuracy", True, "test accuracy"),
     "fortunes_lstm": Metric("valid_loss", "test_loss", False, "test loss (nats/char)"),
     "mnist_canvas_fcn": Metric("valid_mean_iu", "test_mean_iu", True, "test mean IU"),
+    "mnist_lenet": Metric("valid_accuracy", "test_accuracy", True, "test accuracy"),
+    "fmnist_2c2d": Metric("valid_accuracy", "test_accuracy", True, "test accuracy"),
 }
 
 

@@ -89,6 +89,26 @@ def test_estimate_is_the_smallest_l_consistent_with_observed_gradients() -> None
     assert float(opt.stats["lipschitz"]) == max(norms)
 
 
+def test_slopes_seen_while_the_floor_decides_do_not_lock_the_estimate() -> None:
+    # A transient spike during warm-up (a norm below the floor W_t) must not become L for good;
+    # once the floor has decayed below the observed norms, they set the estimate as before.
+    p = torch.nn.Parameter(torch.full((2,), 1.0, dtype=torch.float64))  # ||x_0|| = sqrt(2)
+    opt = BPGrad([p], lipschitz="auto", rho=0.1, momentum=0.0, auto_warmup=1e-3,
+                 auto_warmup_decay=0.5)
+    floor = 1.0 / (1e-3 * (1.0 + math.sqrt(2.0)))  # W_0 = F_0 / (eps (1 + ||x_0||)), ~414
+    norms = [1.0, 150.0, 2.0] + [2.0] * 12 + [3.0]  # the spike 150 < W_1 ~ 207
+    for t, n in enumerate(norms):
+        p.grad = torch.tensor([n, 0.0], dtype=torch.float64)
+        opt.step(loss=1.0)
+        w_t = floor * 0.5 ** t
+        if t < 8:  # the floor decides: the spike is not remembered
+            assert float(opt.stats["lipschitz"]) == pytest.approx(w_t, rel=1e-12)
+    # after the floor fell below 2, the estimate is the largest norm seen since: 3, not 150
+    assert float(opt.stats["lipschitz"]) == 3.0
+    # the old rule (every observation counts) would have kept 150
+    assert floor * 0.5 ** 1 > 150.0
+
+
 def test_warmup_bounds_the_first_step_relative_to_the_weights() -> None:
     # A flat start (tiny gradient) must not give a giant first step: eta_0 <= eps*(1+||x_0||).
     p = torch.nn.Parameter(torch.full((4,), 3.0, dtype=torch.float64))  # ||x_0|| = 6

@@ -16,9 +16,9 @@ Per step t, with f_t the objective value::
 With ``lipschitz="auto"`` the constant is the online estimate (steps t = 0, 1, ... counted over
 the steps taken)::
 
-    M_t   = max(M_{t-1}, n_t)                              M_{-1} = 0
     W_t   = F_0 / (auto_warmup * (1 + ||x_0||))   t = 0    x_0 = parameters at the first call
           = auto_warmup_decay * W_{t-1}           t > 0    (W = 0 when auto_warmup = 0)
+    M_t   = max(M_{t-1}, n_t)   if n_t > W_t   else M_{t-1}      M_{-1} = 0
     L_t   = max(M_t, W_t)
 
 where F_t is f_t (``objective="minibatch"``) or the mean of the f values since the last
@@ -92,12 +92,13 @@ class ReferenceBPGrad:
             big_f = f
         self.running_min = min(self.running_min, big_f)
         self.last_norm = norm
-        self.grad_norm_max = max(self.grad_norm_max, norm)
         if self.auto_warmup > 0.0:
             if self.steps == 0:
                 self.floor = big_f / (self.auto_warmup * (1.0 + self.x0_norm))
             else:
                 self.floor = self.auto_warmup_decay * self.floor
+        if norm > self.floor:  # observations count once the floor no longer decides the step
+            self.grad_norm_max = max(self.grad_norm_max, norm)
         self.lipschitz_estimate = max(self.grad_norm_max, self.floor)
         self.last_eta = []
         for g in self.param_groups:

@@ -24,7 +24,8 @@ The rule, with :math:`S` the AMP gradient scale, :math:`f` the loss minus its lo
     eta_g  = lr_g * (F - rho_g * m) / L_g    per group (unmasked, for the statistics)
     step_g = eta_g / n if ok else 0          what the fused kernel multiplies the buffer by
     r      = n / n_prev if ok else 1         moves the stored buffer n_prev*beta to n*beta
-    auto:  M = max(M, n - eps); W = W_0 (first step) or gamma W; L = max(M, W)   (when ok)
+    auto:  W = W_0 (first step) or gamma W; M = max(M, n - eps) if n - eps > W; L = max(M, W)
+           (when ok)
 
 with :math:`W_0 = F_0 / (\varepsilon_w (1 + \|x_0\|))` (docs/lipschitz.md). A skipped step
 (``ok`` false) changes nothing but the ``skipped_steps`` counter.
@@ -215,20 +216,27 @@ def _auto_lipschitz(
 
     .. math::
 
-        M_t = \max(M_{t-1}, n_t), \qquad
         W_t = W_0\,\gamma^{t}, \quad W_0 = \frac{F_0}{\varepsilon\,(1 + \|x_0\|)}, \qquad
+        M_t = \begin{cases} \max(M_{t-1}, n_t) & n_t > W_t \\ M_{t-1} & \text{otherwise}
+              \end{cases}, \qquad
         \hat L_t = \max(M_t, W_t)
 
     with :math:`n_t` this step's eps-free gradient norm, :math:`\varepsilon` = ``auto_warmup``
-    and :math:`\gamma` = ``auto_warmup_decay``; skipped steps change nothing.
+    and :math:`\gamma` = ``auto_warmup_decay``; skipped steps change nothing. An observation
+    enters the running max only once the warm-up floor no longer decides the step: the slopes of
+    the initial transient, which the floor already guards against, do not bound L for the rest of
+    training (docs/lipschitz.md).
     """
     started = new["step"] > 1.0  # "step" already counts this step when ok
-    new["grad_norm_max"] = m.where(ok, m.maximum(old["grad_norm_max"], norm - cfg.eps),
-                                   old["grad_norm_max"])
+    floor = old["lipschitz_floor"]
     if cfg.auto_warmup > 0.0:
         w0 = m.div(objective, cfg.auto_warmup * (1.0 + old["param_norm_init"]))
         floor = m.where(started, old["lipschitz_floor"] * cfg.auto_warmup_decay, w0)
         new["lipschitz_floor"] = m.where(ok, floor, old["lipschitz_floor"])
+    slope = norm - cfg.eps
+    decides = ok & (slope > floor)
+    new["grad_norm_max"] = m.where(decides, m.maximum(old["grad_norm_max"], slope),
+                                   old["grad_norm_max"])
     estimate = m.maximum(new["grad_norm_max"], new["lipschitz_floor"])
     new["lipschitz_estimate"] = m.where(ok, estimate, old["lipschitz_estimate"])
 
