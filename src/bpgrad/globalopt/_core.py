@@ -1,16 +1,13 @@
-"""``minimize``: validation, the evaluation of ``func``, polish, branch steps, callbacks and
-the result, around the compiled search of ``_engine.py``.
-
-The maths is in :func:`minimize`'s docstring and in ``docs/globalopt.md``. The search (cells,
-bounds, pruning, the choice of the next cell) lives in ``_engine.py``; this module is the only
-place that calls user code, and drives the search through the interface described in
-``_reference.py`` (whose plain NumPy search the tests run side by side with the compiled one).
+"""``minimize``: validation, the calls of ``func``, polish, branch steps, callbacks and the
+result. The search (cells, bounds, pruning, the next cell) is ``_engine.py``, driven through the
+interface described in ``_reference.py``; this module is the only one that calls user code.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,15 +29,14 @@ KIND_NAMES: tuple[str, ...] = ("global", "branch", "polish", "fd")
 class Search(Protocol):
     """What the driver needs of a search (``_engine.CompiledSearch``, ``ReferenceSearch``)."""
 
-    def add(self, x: FloatArray, f: float, g: FloatArray | None, kind: int) -> int: ...
+    def add(self, x: FloatArray, f: float, g: FloatArray | None) -> int: ...
     def insert_term(self, i: int) -> None: ...
     def in_ball(self, y: FloatArray) -> bool: ...
     def start(self) -> None: ...
     def advance(self, queued: bool, nit: int, limit: int) -> tuple[int, int, FloatArray]: ...
     def take(
-        self, x: FloatArray, f: float, g: FloatArray | None, kind: int, queued: bool, nit: int,
-        limit: int,
-    ) -> tuple[int, tuple[int, int, FloatArray]]: ...  # fmt: skip
+        self, x: FloatArray, f: float, g: FloatArray | None, queued: bool, nit: int, limit: int
+    ) -> tuple[int, tuple[int, int, FloatArray]]: ...
     def finish(self, idx: list[int]) -> None: ...
     def info(self) -> tuple[float, float, float, float, float, int]: ...
 
@@ -129,53 +125,31 @@ def minimize(
 ) -> OptimizeResult:
     r"""Globally minimize ``func`` over a box with BPGrad's branch-and-prune (Algorithm 1).
 
-    **Model.** ``f`` is L-Lipschitz on the box X: :math:`|f(x)-f(y)| \le L\|x-y\|_2`. Every
-    evaluated sample :math:`(x_i, f_i)` then gives :math:`f(x) \ge f_i - L\|x - x_i\|`, so the
-    ball :math:`B(x_i, r_i)`, :math:`r_i = (f_i - \hat f^*)/L`, holds no point with
-    :math:`f \le \hat f^*` and is *pruned*.
+    ``f`` is taken to be L-Lipschitz on the box X (Euclidean norm), so a sample
+    :math:`(x_i, f_i)` gives :math:`f(x) \ge f_i - L\|x - x_i\|` and the ball of radius
+    :math:`(f_i - \hat f^*)/L` around :math:`x_i` holds no point below the pruning level
 
-    **Pruning level** :math:`\hat f^*`. BPGrad uses :math:`\rho\,\min_i f_i`, which assumes
-    :math:`f \ge 0`. For any sign, with :math:`f_b` the best value so far,
+    .. math:: \hat f^* = f_b - \max\bigl(\mathrm{tol},\ (1-\rho)(f_b - f_\mathrm{lower})\bigr)
 
-    .. math:: \hat f^* = f_b - \max\bigl(\mathrm{tol},\ (1-\rho)(f_b - f_\mathrm{lower})\bigr),
+    (:math:`f_b` the best value: BPGrad's :math:`\rho f_b` when ``f_lower=0``, :math:`f_b -
+    \mathrm{tol}` without ``f_lower``). The box is kept as cells (a cell's longest side, relative
+    to the box, is trisected); a cell's bound :math:`\max_i f_i - L\,\mathrm{far}(x_i,
+    \text{cell})`, far the distance to its farthest corner, is a lower bound of f on it. DIRECT's
+    potentially optimal cells (or the cell of lowest bound, see ``strategy``) are divided and
+    the new centres are evaluated only outside every ball, so those samples are tol/L apart
+    and finitely many; a cell whose bound exceeds :math:`\hat f^*` is pruned. With a gradient,
+    BPGrad's branch step :math:`x_{t+1} = \Pi_X(x_t - r_t g_t/\|g_t\|)` follows a new sample up
+    to ``branch_steps`` times; a projected BFGS polish (Armijo backtracking, at most
+    ``polish_maxfev`` calls) starts from each new best point.
 
-    which is BPGrad's :math:`\rho f_b` when ``f_lower=0`` (and the gap exceeds ``tol``). Without
-    ``f_lower`` (default) the level is :math:`f_b - \mathrm{tol}`: a ball then holds no point that
-    improves the best value by more than ``tol``.
-
-    **Branch (BPGrad step).** From a sample :math:`x_t` with gradient :math:`g_t`, the next
-    sample is on the boundary of its own ball along the normalised negative gradient, projected
-    onto the box: :math:`x_{t+1} = \Pi_X(x_t - r_t g_t/\|g_t\|)`. It is evaluated only if it lies
-    outside every pruning ball; a chain follows at most ``branch_steps`` steps.
-
-    **Re-sampling rule** (when the branch is pruned, unavailable, or its chain ends): the box is
-    kept as a partition into cells (trisection of a cell's longest side, normalised by the box).
-    A cell's lower bound is :math:`\max_i f_i - L\,\mathrm{far}(x_i, \text{cell})`, with far the
-    distance to the cell's farthest corner; it is a valid bound on f over the cell. The cell with
-    the lowest bound - the most promising unpruned region - is divided and the centres of the
-    new cells are evaluated **only if they lie outside every pruning ball**. A cell whose bound
-    exceeds :math:`\hat f^*` lies inside one ball and is pruned. Every branch or re-sampling
-    evaluation is outside all balls, whose radii exceed tol/L while the gap exceeds tol, so those
-    samples are tol/L apart and their number is finite (at most the packing number of X).
-
-    **Local polish** (``polish=True``): from each new best point found by the branch or
-    re-sampling steps, a projected BFGS descent with Armijo backtracking runs for at most
-    ``polish_maxfev`` evaluations (default ``50 (d + 1)``). It is not part of the finite-iteration
-    argument (its samples may lie in pruned balls) but is bounded per new best point. Its samples
-    tighten the cell bounds.
-
-    **Lower bound.** ``res.lower_bound`` is the minimum over all cells (live and pruned) of
-    their bounds: :math:`\min_X f \ge` ``lower_bound`` whenever ``lipschitz`` is a true
-    Lipschitz constant and every value was finite; ``res.certified`` says whether that holds
-    (False when L was estimated, when an observed slope exceeded ``lipschitz``, or when a value
-    was not finite). The slope check allows for rounding in the values: a pair of samples
-    contradicts L only if :math:`|f_i - f_j| > L\|x_i - x_j\| + \epsilon(|f_i| + |f_j|)` with
-    :math:`\epsilon = 10^{-10}` (and a gradient only if its norm exceeds
-    :math:`(1+\epsilon)L`), so a true, tight L survives two nearly equal polish samples.
-
-    **Unknown L** (``lipschitz=None``): :math:`\hat L = s \cdot 1.1^{\lceil\log_{1.1} m\rceil}`
-    with :math:`m` the largest slope :math:`|f_i - f_j|/\|x_i - x_j\|` (and gradient norm) seen
-    so far and :math:`s` = ``lipschitz_safety``; it only grows. No certificate is claimed.
+    ``res.lower_bound`` is the least bound of all cells: :math:`\min_X f \ge` ``lower_bound``
+    when ``lipschitz`` is a true constant and every value was finite (``res.certified``). Two
+    samples contradict L only if :math:`|f_i - f_j| > L\|x_i - x_j\| + \epsilon(|f_i| + |f_j|)`,
+    :math:`\epsilon = 10^{-10}` (a gradient only if its norm exceeds :math:`(1+\epsilon)L`), so
+    rounding does not refuse a true, tight L. With ``lipschitz=None``, :math:`\hat L = s \cdot
+    1.1^{\lceil\log_{1.1} m\rceil}` (m the largest slope or gradient norm seen, s =
+    ``lipschitz_safety``) only grows, and nothing is certified. ``docs/globalopt.md`` has the
+    full statement.
 
     Args:
         func: ``func(x, *args) -> float`` for a 1-D float array ``x``; with ``jac=True`` it
@@ -208,6 +182,8 @@ def minimize(
         branch: take BPGrad branch steps; default True when ``jac`` is given.
         branch_steps: longest chain of branch steps from one re-sampled point.
         lipschitz_safety: the factor s of the L estimate (>= 1).
+        strategy: ``"hull"`` divides DIRECT's potentially optimal cells, ``"bound"`` the cell
+            of lowest bound.
         callback: ``callback(intermediate_result)`` after every iteration, with ``x, fun,
             nfev, njev, nit, lower_bound, lipschitz``; returning ``True`` or raising
             ``StopIteration`` ends the run with status 4. It gets a copy: changing it has no
@@ -280,9 +256,9 @@ def minimize(
     )  # fmt: skip
     run = _Run(
         search, func=func, args=args, jac=jac, lb=lb, ub=ub, known_L=lipschitz, maxfev=maxfev,
-        f_target=None if f_target is None else float(f_target), polish=bool(polish),
-        polish_maxfev=polish_maxfev, branch=(jac is not None) if branch is None else bool(branch),
-        branch_steps=branch_steps, callback=callback,
+        f_target=None if f_target is None else float(f_target), do_polish=bool(polish),
+        polish_maxfev=polish_maxfev, callback=callback, branch_steps=branch_steps,
+        do_branch=(jac is not None) if branch is None else bool(branch),
     )  # fmt: skip
     return run.solve()
 
@@ -296,37 +272,29 @@ def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     return int(value)
 
 
+@dataclass
 class _Run:
     """One call of :func:`minimize`: evaluations, polish, branch steps, callback, result."""
 
-    def __init__(
-        self,
-        search: Search,
-        *,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        jac: Any,
-        lb: FloatArray,
-        ub: FloatArray,
-        known_L: float | None,
-        maxfev: int,
-        f_target: float | None,
-        polish: bool,
-        polish_maxfev: int,
-        branch: bool,
-        branch_steps: int,
-        callback: Callable[[OptimizeResult], Any] | None,
-    ) -> None:
-        self.search = search
-        self.func, self.args, self.jac = func, args, jac
-        self.lb, self.ub = lb, ub
+    search: Search
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    jac: Any
+    lb: FloatArray
+    ub: FloatArray
+    known_L: float | None
+    maxfev: int
+    f_target: float | None
+    do_polish: bool
+    polish_maxfev: int
+    do_branch: bool
+    branch_steps: int
+    callback: Callable[[OptimizeResult], Any] | None
+
+    def __post_init__(self) -> None:
+        lb, ub = self.lb, self.ub
         self.d = lb.size
         self.diag = float(np.linalg.norm(ub - lb))
-        self.known_L = known_L
-        self.maxfev, self.f_target = maxfev, f_target
-        self.do_polish, self.polish_maxfev = polish, polish_maxfev
-        self.do_branch, self.branch_steps = branch, branch_steps
-        self.callback = callback
         self.nfev = self.njev = self.nit = 0
         self.queue: list[tuple[int, int]] = []  # (sample, depth) to branch from, the next last
         self.X: list[FloatArray] = []
@@ -339,7 +307,7 @@ class _Run:
     # ---- evaluation: the only place that calls user code ----
     def evaluate(self, x: FloatArray, kind: int, want_grad: bool) -> int:
         i, f, g = self._observe(x, kind, want_grad)
-        self.search.add(self.X[i], f, g, kind)
+        self.search.add(self.X[i], f, g)
         if self._hit(f):
             raise _Stop(Status.TARGET)
         return i
@@ -471,10 +439,10 @@ class _Run:
                 if merge and j == len(points) - 1 and not self._hit(f):
                     if not any(self._acts(q) for q in [*idx[:j], i]):
                         _, step = self.search.take(
-                            self.X[i], f, g, GLOBAL, bool(self.queue), self.nit + 1, _NO_LIMIT
+                            self.X[i], f, g, bool(self.queue), self.nit + 1, _NO_LIMIT
                         )
                         return step
-                self.search.add(self.X[i], f, g, GLOBAL)
+                self.search.add(self.X[i], f, g)
                 if self._hit(f):
                     raise _Stop(Status.TARGET)
                 idx[j] = i

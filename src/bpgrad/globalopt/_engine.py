@@ -3,10 +3,9 @@
 The same search as ``_reference.py`` (read that first: it is the readable statement, and the
 tests demand that both evaluate the same points), over the state and queries of ``_state.py``.
 Each entry point is compiled once, for one signature, and cached on disk (``cache=True``).
-Besides the queries (see ``_state.py``), two things differ from the reference, neither changes
+Besides the queries (see ``_state.py``), one thing differs from the reference without changing
 a decision: the live cells sit in a lazy binary heap ordered by (bound, key, cell) instead of
-being scanned (stale entries are dropped when they reach the top), and the hull keeps each
-depth's best cell, looking again only at depths whose best was divided or pruned.
+being scanned (stale entries are dropped when they reach the top).
 """
 
 from __future__ import annotations
@@ -120,7 +119,6 @@ def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
         st.cfmax = _more(st.cfmax, -math.inf)
         st.cfmin = _more(st.cfmin, math.inf)
         st.stack = _more(st.stack, 0)
-        st.dnext = _more(st.dnext, -1)
         terms = np.empty((2 * c, _K), np.int64)
         for i in range(2 * c):
             for q in range(_K):
@@ -135,10 +133,7 @@ def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
     _set_row(st.clo, c, lo)
     _set_row(st.chi, c, hi)
     st.depth[c] = depth
-    while depth >= st.dhead.shape[0]:
-        st.dhead, st.dbest = _more(st.dhead, -1), _more(st.dbest, -1)
-        st.ddirty = _more(st.ddirty, 0)
-    st.dnext[c], st.dhead[depth] = st.dhead[depth], c
+    st.maxdepth = max(st.maxdepth, depth)
     st.key[c] = _cell_key(st.seed, c)
     return c
 
@@ -184,8 +179,6 @@ def _refresh_L(st: Any) -> None:
     st.L_dirty = False
     st.pruned_min = math.inf
     st.hn = 0
-    for t in range(st.ddirty.shape[0]):
-        st.ddirty[t] = 1  # pruned cells return
     for c in range(st.nc):
         if st.state[c] == _SPLIT:
             continue
@@ -204,55 +197,17 @@ def _refresh_L(st: Any) -> None:
 
 
 @jit
-def _eligible(st: Any, c: int) -> bool:
-    i = st.centre[c]
-    return st.state[c] == _LEAF and i >= 0 and math.isfinite(st.F[i])
-
-
-@jit
-def _better(st: Any, c: int, j: int) -> bool:
-    return j < 0 or (st.value[c], st.key[c], c) < (st.value[j], st.key[j], j)
-
-
-@jit
-def _offer_hull(st: Any, c: int) -> None:
-    """Cell c may now compete in the hull: keep its depth's best up to date."""
-    t = st.depth[c]
-    if _eligible(st, c) and st.ddirty[t] == 0 and _better(st, c, st.dbest[t]):
-        st.dbest[t] = c
-
-
-@jit
-def _depth_best(st: Any, t: int) -> int:
-    """The best hull candidate of depth t; a stale one is found again from the depth's list,
-    which drops its divided and retired cells (they never return) on the way."""
-    j = st.dbest[t]
-    if st.ddirty[t] == 0 and (j < 0 or _eligible(st, j)):
-        return j
-    j, prev, c = -1, -1, st.dhead[t]
-    while c >= 0:
-        nxt = st.dnext[c]
-        if st.state[c] == _SPLIT or st.state[c] == _RETIRED:
-            if prev < 0:
-                st.dhead[t] = nxt
-            else:
-                st.dnext[prev] = nxt
-        else:
-            if _eligible(st, c) and _better(st, c, j):
-                j = c
-            prev = c
-        c = nxt
-    st.dbest[t], st.ddirty[t] = j, 0
-    return j
-
-
-@jit
 def _hull_cells(st: Any) -> None:
     """``ReferenceSearch._hull_cells`` onto ``pending`` (the first to divide last)."""
-    maxd = st.dhead.shape[0] - 1
-    best = np.full(maxd + 1, -1)
-    for t in range(maxd + 1):
-        best[t] = _depth_best(st, t)
+    maxd = st.maxdepth
+    best = np.full(maxd + 1, -1)  # per depth, the live cell of lowest centre value
+    for c in range(st.nc):
+        i = st.centre[c]
+        if st.state[c] != _LEAF or i < 0 or not math.isfinite(st.F[i]):
+            continue
+        j = best[st.depth[c]]
+        if j < 0 or (st.value[c], st.key[c], c) < (st.value[j], st.key[j], j):
+            best[st.depth[c]] = c
     m = 0
     pts = np.empty(maxd + 1, np.int64)
     for j in best:
@@ -307,7 +262,6 @@ def _place(st: Any, c: int, fh: float) -> None:
         st.pruned_min = min(st.pruned_min, st.bound[c])
     else:
         _push(st, c)
-        _offer_hull(st, c)
 
 
 @jit
@@ -337,7 +291,6 @@ def finish(st: Any, idx: Any) -> int:
             _add_term(st, ci, s)
             if math.isfinite(st.F[s]):
                 st.value[ci] = st.F[s]
-                _offer_hull(st, ci)
         return new
     for q in range(idx.shape[0]):
         if idx[q] >= 0:
@@ -474,19 +427,9 @@ class CompiledSearch:
     """``ReferenceSearch``'s interface over the compiled functions above."""
 
     def __init__(
-        self,
-        lb: Any,
-        ub: Any,
-        *,
-        lipschitz: float | None,
-        rho: float,
-        f_lower: float | None,
-        tol: float,
-        maxiter: int,
-        hull: bool,
-        seed: int,
-        safety: float,
-    ) -> None:
+        self, lb: Any, ub: Any, *, lipschitz: float | None, rho: float, f_lower: float | None,
+        tol: float, maxiter: int, hull: bool, seed: int, safety: float,
+    ) -> None:  # fmt: skip
         self.st = _new_state(
             np.ascontiguousarray(lb, dtype=np.float64), np.ascontiguousarray(ub, dtype=np.float64),
             lipschitz is not None, 1.0 if lipschitz is None else lipschitz, rho,
@@ -494,7 +437,7 @@ class CompiledSearch:
         )  # fmt: skip
         self._nog = np.zeros(lb.size)
 
-    def add(self, x: Any, f: float, g: Any, kind: int) -> int:
+    def add(self, x: Any, f: float, g: Any) -> int:
         return int(add(self.st, x, f, self._nog if g is None else g, g is not None))
 
     def insert_term(self, i: int) -> None:
@@ -510,7 +453,7 @@ class CompiledSearch:
         return advance(self.st, queued, nit, limit)
 
     def take(
-        self, x: Any, f: float, g: Any, kind: int, queued: bool, nit: int, limit: int
+        self, x: Any, f: float, g: Any, queued: bool, nit: int, limit: int
     ) -> tuple[int, tuple[int, int, Any]]:
         i, ev, k, pts = take(self.st, x, f, self._nog if g is None else g, g is not None,
                              queued, nit, limit)  # fmt: skip

@@ -7,14 +7,14 @@ run both side by side and demand the same evaluated points up to floating-point 
 
 Both classes are driven by ``_core._Run`` through the same small interface:
 
-* ``add(x, f, g, kind) -> i`` records an evaluated sample (and updates L and the best value);
+* ``add(x, f, g) -> i`` records an evaluated sample (and updates L and the best value);
   ``insert_term(i)`` lets a sample that is not a cell centre tighten its cell's bound;
 * ``advance(queued, nit, limit) -> (event, k, points)`` runs iterations of the search (at most
   ``limit``) up to the next point where Python must act: ``EVAL`` (evaluate the rows of
   ``points``, ``add`` them and hand their indices to ``finish``), ``DONE`` (an iteration without
   evaluation), ``BRANCH`` (the driver takes one queued branch step), ``STOP`` (``status`` says
   why); k iterations without evaluation ran before it;
-* ``take(x, f, g, kind, queued, nit, limit)`` is ``add`` of a division's last point, ``finish``
+* ``take(x, f, g, queued, nit, limit)`` is ``add`` of a division's last point, ``finish``
   and ``advance`` in one call (one compiled call per evaluation in the common case);
 * ``in_ball(y)``, ``fhat()``, ``lower_bound()`` and the scalars ``L``, ``slope_max``,
   ``robust_slope``, ``status``.
@@ -102,19 +102,9 @@ class ReferenceSearch:
     """Branch-and-prune over a box with plain scans (see the module docstring)."""
 
     def __init__(
-        self,
-        lb: FloatArray,
-        ub: FloatArray,
-        *,
-        lipschitz: float | None,
-        rho: float,
-        f_lower: float | None,
-        tol: float,
-        maxiter: int,
-        hull: bool,
-        seed: int,
-        safety: float,
-    ) -> None:
+        self, lb: FloatArray, ub: FloatArray, *, lipschitz: float | None, rho: float,
+        f_lower: float | None, tol: float, maxiter: int, hull: bool, seed: int, safety: float,
+    ) -> None:  # fmt: skip
         self.lb, self.ub, self.width = lb, ub, ub - lb
         self.d = lb.size
         self.diag = math.sqrt(float(np.sum(self.width * self.width)))
@@ -144,7 +134,7 @@ class ReferenceSearch:
         """Values with -inf for non-finite ones: a NaN sample bounds nothing."""
         return np.where(np.isfinite(self.F), self.F, -math.inf)
 
-    def add(self, x: FloatArray, f: float, g: FloatArray | None, kind: int) -> int:
+    def add(self, x: FloatArray, f: float, g: FloatArray | None) -> int:
         if math.isfinite(f) and self.n > 0:
             fin = np.isfinite(self.F)
             dist = _rownorm(self.X[fin] - x)
@@ -346,12 +336,11 @@ class ReferenceSearch:
             k += 1
 
     def take(
-        self, x: FloatArray, f: float, g: FloatArray | None, kind: int, queued: bool, nit: int,
-        limit: int,
-    ) -> tuple[int, tuple[Event, int, FloatArray]]:  # fmt: skip
+        self, x: FloatArray, f: float, g: FloatArray | None, queued: bool, nit: int, limit: int
+    ) -> tuple[int, tuple[Event, int, FloatArray]]:
         """``add`` the last point of a division, ``finish`` the division, then ``advance``."""
         n = len(self._todo)
-        i = self.add(x, f, g, kind)
+        i = self.add(x, f, g)
         self.finish(list(range(i - n + 1, i + 1)))
         return i, self.advance(queued, nit, limit)
 

@@ -64,8 +64,7 @@ _FIELDS = [
     # the query tree over the cells: first listed sample; largest and smallest finite value
     # below, and the bounding box of those samples
     ("head", _i1), ("cfmax", _f1), ("cfmin", _f1), ("slo", _f2), ("shi", _f2), ("stack", _i1),
-    # per depth: its cells (linked by dnext), and the best hull candidate unless dirty
-    ("dhead", _i1), ("dnext", _i1), ("dbest", _i1), ("ddirty", _i1),
+    ("maxdepth", types.int64),  # the deepest cell's depth
     # lazy heap of live cells by (bound, key, cell); hull cells still to divide
     ("hb", _f1), ("hk", _f1), ("hc", _i1), ("hn", types.int64),
     ("pending", _i1), ("npend", types.int64),
@@ -392,8 +391,7 @@ def _new_state(
     st.slope_max, st.robust_slope = 0.0, 0.0
     st.nxt, st.head, st.stack = np.full(cap, -1), np.full(cap, -1), np.full(cap, 0)
     st.cfmax, st.cfmin = np.full(cap, -math.inf), np.full(cap, math.inf)
-    st.dhead, st.dnext, st.dbest = np.full(64, -1), np.full(cap, -1), np.full(64, -1)
-    st.ddirty = np.full(64, 0)
+    st.maxdepth = 0
     st.clo, st.chi = np.zeros((cap, d)), np.zeros((cap, d))
     st.slo, st.shi = np.full((cap, d), math.inf), np.full((cap, d), -math.inf)
     st.bound, st.value = np.full(cap, -math.inf), np.full(cap, math.inf)
