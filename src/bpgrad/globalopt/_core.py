@@ -423,7 +423,9 @@ class _Run:
             status = Status.NONFINITE
         return self._result(status)
 
-    def _evaluate_points(self, points: FloatArray, merge: bool) -> tuple[int, int, FloatArray] | None:
+    def _evaluate_points(
+        self, points: FloatArray, merge: bool
+    ) -> tuple[int, int, FloatArray] | None:
         """Evaluate the centres a division asked for and hand them back to it, also when the
         run stops half way (the cells must still be placed for the lower bound to hold).
 

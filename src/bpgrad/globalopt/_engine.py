@@ -27,10 +27,10 @@ from bpgrad.globalopt._state import (
     _centre,
     _far,
     _fhat,
+    _grow_cells,
     _index,
     _lower_above,
     _more,
-    _more_f2,
     _new_state,
     _prune_level,
     _set_row,
@@ -49,9 +49,8 @@ _GAP, _COVERED, _MAXITER = 0, 1, 3
 @jit
 def _push(st: Any, c: int) -> None:
     if st.hn == st.hb.shape[0]:
-        st.hb = _more(st.hb, 0.0)
-        st.hk = _more(st.hk, 0.0)
-        st.hc = _more(st.hc, 0)
+        n = 2 * st.hn
+        st.hb, st.hk, st.hc = _more(st.hb, 0.0, n), _more(st.hk, 0.0, n), _more(st.hc, 0, n)
     v, k = st.bound[c], st.key[c]
     q = st.hn
     st.hn += 1
@@ -107,28 +106,7 @@ def _lower_bound(st: Any) -> float:
 def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
     c = st.nc
     if c == st.bound.shape[0]:
-        st.clo = _more_f2(st.clo, 0.0)
-        st.chi = _more_f2(st.chi, 0.0)
-        st.slo = _more_f2(st.slo, math.inf)
-        st.shi = _more_f2(st.shi, -math.inf)
-        st.bound = _more(st.bound, -math.inf)
-        st.value = _more(st.value, math.inf)
-        st.size = _more(st.size, 0.0)
-        st.key = _more(st.key, 0.0)
-        st.head = _more(st.head, -1)
-        st.cfmax = _more(st.cfmax, -math.inf)
-        st.cfmin = _more(st.cfmin, math.inf)
-        st.stack = _more(st.stack, 0)
-        terms = np.empty((2 * c, _K), np.int64)
-        for i in range(2 * c):
-            for q in range(_K):
-                terms[i, q] = st.terms[i, q] if i < c else -1
-        st.terms = terms
-        st.state = _more(st.state, _LEAF)
-        st.centre = _more(st.centre, -1)
-        st.child = _more(st.child, -1)
-        st.sdim = _more(st.sdim, -1)
-        st.depth = _more(st.depth, 0)
+        _grow_cells(st, 2 * c)
     st.nc = c + 1
     _set_row(st.clo, c, lo)
     _set_row(st.chi, c, hi)
