@@ -6,6 +6,7 @@ resume from their checkpoint); loops seed-major so that an interrupted run leave
     nice -n 10 .venv/bin/python benchmarks/suite_study.py run --out runs/suite \\
         --problems teacher_student segment_mlp --seeds 0 1 2
     .venv/bin/python benchmarks/suite_study.py report --out runs/suite
+    .venv/bin/python benchmarks/suite_study.py plot --out runs/suite --image docs/img/suite_study.png
 
 ``report`` prints markdown: per problem the metric of record (mean ± std over the seeds found),
 the grid point of Adam / SGD / fixed-L BPGrad chosen on the validation split, and the average rank
@@ -119,57 +120,79 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
+@dataclass
+class ProblemSummary:
+    """One problem's finished trials: the seeds all rows share and each row's test values."""
+
+    problem: str
+    seeds: list[int]
+    #: (shown label, trial folder label, test metric per seed), grid winners first
+    rows: list[tuple[str, str, list[float]]]
+    #: per grid base: (key, [(value, mean valid metric)])
+    grids: dict[str, tuple[str, list[tuple[str, float]]]]
+    #: LR-free label -> signed mean test metric (higher = better)
+    scores: dict[str, float]
+
+
+def summarize(out: Path, problem: str) -> ProblemSummary | None:
+    """Aggregate ``out/<problem>``: the grid point chosen on validation and every LR-free row."""
+    finals = _finals(out, problem)
+    if not finals:
+        return None
+    m = METRIC[problem]
+    # the seeds every variant found has finished (a run in progress adds seeds one by one);
+    # with none in common, the first seed and the variants that finished it
+    seeds = sorted(set.intersection(*(set(per) for per in finals.values())))
+    if not seeds:
+        seeds = [min(s for per in finals.values() for s in per)]
+    complete = {lab: per for lab, per in finals.items() if set(seeds) <= set(per)}
+    sign = 1.0 if m.higher_is_better else -1.0
+
+    def values(lab: str, key: str) -> list[float]:
+        return [_value(complete[lab][s], key, m.higher_is_better) for s in seeds]
+
+    def mean_of(lab: str, key: str) -> float:
+        vals = values(lab, key)
+        return statistics.fmean(vals) if all(math.isfinite(v) for v in vals) else (
+            -math.inf if m.higher_is_better else math.inf)
+
+    rows: list[tuple[str, str, list[float]]] = []
+    grids: dict[str, tuple[str, list[tuple[str, float]]]] = {}
+    for base, (key, _) in GRIDS.items():
+        labs = sorted((lab for lab in complete if lab.split("@")[0] == base),
+                      key=lambda lab: float(lab.split("=")[1]))
+        if labs:
+            best = max(labs, key=lambda lab: sign * mean_of(lab, m.valid))
+            rows.append((f"{base} best grid ({best.split('@')[1]})", best, values(best, m.test)))
+            grids[base] = (key, [(lab.split("=")[1], mean_of(lab, m.valid)) for lab in labs])
+    rows += [(lab, lab, values(lab, m.test)) for lab in LR_FREE if lab in complete]
+    scores = {lab: sign * mean_of(lab, m.test) for lab in LR_FREE if lab in complete}
+    return ProblemSummary(problem, seeds, rows, grids, scores)
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     scores: dict[str, dict[str, float]] = {}  # problem -> LR-free label -> signed mean
     for problem in METRIC:
-        finals = _finals(out, problem)
-        if not finals:
+        summary = summarize(out, problem)
+        if summary is None:
             continue
         m = METRIC[problem]
-        # the seeds every variant found has finished (a run in progress adds seeds one by one);
-        # with none in common, the first seed and the variants that finished it
-        seeds = sorted(set.intersection(*(set(per) for per in finals.values())))
-        if not seeds:
-            seeds = [min(s for per in finals.values() for s in per)]
-        complete = {lab: per for lab, per in finals.items() if set(seeds) <= set(per)}
-        sign = 1.0 if m.higher_is_better else -1.0
-
-        def mean_of(lab: str, key: str, complete: dict[str, dict[int, dict[str, Any]]] = complete,
-                    seeds: list[int] = seeds, higher: bool = m.higher_is_better) -> float:
-            vals = [_value(complete[lab][s], key, higher) for s in seeds]
-            return statistics.fmean(vals) if all(math.isfinite(v) for v in vals) else (
-                -math.inf if higher else math.inf)
-
-        print(f"\n#### {problem}: {m.label}, {BUDGET[problem]} epoch(s), seeds {seeds}\n")
-        print("| optimizer | " + m.label + (" | reached global (< 1e-4)" if problem ==
-                                            "teacher_student" else "") + " |")
-        print("|---|---|" + ("---|" if problem == "teacher_student" else ""))
-        rows: list[tuple[str, str]] = []
-        for base in GRIDS:
-            labs = [lab for lab in complete if lab.split("@")[0] == base]
-            if labs:
-                best = max(labs, key=lambda lab: sign * mean_of(lab, m.valid))
-                rows.append((f"{base} best grid ({best.split('@')[1]})", best))
-        rows += [(lab, lab) for lab in LR_FREE if lab in complete]
-        for shown, lab in rows:
-            vals = [_value(complete[lab][s], m.test, m.higher_is_better) for s in seeds]
+        ts = problem == "teacher_student"
+        print(f"\n#### {problem}: {m.label}, {BUDGET[problem]} epoch(s), seeds {summary.seeds}\n")
+        print("| optimizer | " + m.label + (" | reached global (< 1e-4)" if ts else "") + " |")
+        print("|---|---|" + ("---|" if ts else ""))
+        for shown, _, vals in summary.rows:
             cell = _mean_std(vals)
-            if problem == "teacher_student":
-                hits = sum(_value(complete[lab][s], "valid_loss", False) < 1e-4 for s in seeds)
-                cell += f" | {hits}/{len(seeds)}"
+            if ts:  # valid_loss is the metric of record here: hits of the known optimum 0
+                cell += f" | {sum(v < 1e-4 for v in vals)}/{len(vals)}"
             print(f"| {shown} | {cell} |")
-        grid_lines = []
-        for base, (key, _) in GRIDS.items():
-            labs = sorted((lab for lab in complete if lab.split("@")[0] == base),
-                          key=lambda lab: float(lab.split("=")[1]))
-            cells = [f"{lab.split('=')[1]}: {mean_of(lab, m.valid):.4g}" for lab in labs]
-            if cells:
-                grid_lines.append(f"{base} {key} → {'; '.join(cells)}")
+        grid_lines = [f"{base} {key} → " + "; ".join(f"{v}: {score:.4g}" for v, score in cells)
+                      for base, (key, cells) in summary.grids.items()]
         if grid_lines:
             print(f"\nGrids, validation {m.valid} (mean over seeds; ±inf = diverged): "
                   + " · ".join(grid_lines))
-        scores[problem] = {lab: sign * mean_of(lab, m.test) for lab in LR_FREE if lab in complete}
+        scores[problem] = summary.scores
     # rank only the optimizers that have results on every problem, among themselves
     common = [lab for lab in LR_FREE if all(lab in sc for sc in scores.values())]
     ranks: dict[str, list[float]] = {lab: [] for lab in common}
@@ -187,6 +210,56 @@ def report(args: argparse.Namespace) -> None:
             print(f"| {lab} | {statistics.fmean(r):.2f} | {', '.join(f'{x:g}' for x in r)} |")
 
 
+def plot(args: argparse.Namespace) -> None:
+    """One panel per problem: every row's test metric, the mean over the seeds with a bar over the
+    seeds' range (a range, not ± std, so that it stays positive on the log axis of the known-optimum
+    problem) and each seed as a dot; BPGrad auto in red, the grid winners in grey. Diverged seeds
+    are listed, not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    summaries = [s for s in (summarize(out, p) for p in METRIC) if s is not None]
+    if not summaries:
+        raise SystemExit(f"no finished trials under {out}")
+    cols = 2
+    nrows = (len(summaries) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(12, 4.2 * nrows), squeeze=False)
+    for ax, summary in zip(axes.flat, summaries, strict=False):
+        m = METRIC[summary.problem]
+        for y, (shown, lab, vals) in enumerate(summary.rows):
+            finite = [v for v in vals if math.isfinite(v)]
+            color = "tab:red" if lab == "bpgrad_auto" else (
+                "grey" if "best grid" in shown else "tab:blue")
+            if finite:
+                mean = statistics.fmean(finite)
+                xerr = [[mean - min(finite)], [max(finite) - mean]]
+                ax.errorbar(mean, y, xerr=xerr, fmt="o", color=color, capsize=3)
+                ax.plot(finite, [y] * len(finite), ".", color=color, alpha=0.4)
+            if len(finite) < len(vals):
+                shown += f" ({len(vals) - len(finite)} diverged)"
+            summary.rows[y] = (shown, lab, vals)
+        ax.set_yticks(range(len(summary.rows)), [r[0] for r in summary.rows], fontsize=8)
+        ax.invert_yaxis()
+        if summary.problem == "teacher_student":
+            ax.set_xscale("log")
+        better = "higher" if m.higher_is_better else "lower"
+        ax.set_title(f"{summary.problem}: {m.label} ({better} is better), "
+                     f"{BUDGET[summary.problem]} ep, {len(summary.seeds)} seeds", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(summaries):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    target = Path(args.image)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(target)  # atomic: a reader never sees half an image
+    print(f"wrote {target}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -198,8 +271,11 @@ def main() -> None:
                        help="also run the grid points beyond the core grids' ends (EDGES)")
     p_rep = sub.add_parser("report")
     p_rep.add_argument("--out", default="runs/suite")
+    p_plot = sub.add_parser("plot")
+    p_plot.add_argument("--out", default="runs/suite")
+    p_plot.add_argument("--image", default="docs/img/suite_study.png")
     args = parser.parse_args()
-    (run if args.cmd == "run" else report)(args)
+    {"run": run, "report": report, "plot": plot}[args.cmd](args)
 
 
 if __name__ == "__main__":
