@@ -2,7 +2,7 @@ r"""BPGrad for JAX: an optax gradient transformation with exactly the rule of :c
 
 Install with ``pip install "bpgrad[jax]"``. Usage, as for ``optax.polyak_sgd``, passes the loss::
 
-    tx = bpgrad.optax.bpgrad(lipschitz=50.0, weight_decay=5e-4)
+    tx = bpgrad.optax.bpgrad(lipschitz="auto")  # or the official lipschitz=50.0, weight_decay=5e-4
     state = tx.init(params)
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, state = tx.update(grads, state, params, value=loss)
