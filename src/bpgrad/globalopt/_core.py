@@ -36,7 +36,7 @@ class Search(Protocol):
     def advance(self, queued: bool, nit: int, limit: int) -> tuple[int, int, FloatArray]: ...
     def take(
         self, x: FloatArray, f: float, g: FloatArray | None, queued: bool, nit: int, limit: int
-    ) -> tuple[int, tuple[int, int, FloatArray]]: ...
+    ) -> tuple[int, int, FloatArray]: ...
     def finish(self, idx: list[int]) -> None: ...
     def info(self) -> tuple[float, float, float, float, float, int]: ...
 
@@ -440,7 +440,7 @@ class _Run:
                 i, f, g = self._observe(y, GLOBAL, self.do_branch)
                 if merge and j == len(points) - 1 and not self._hit(f):
                     if not any(self._acts(q) for q in [*idx[:j], i]):
-                        _, step = self.search.take(
+                        step = self.search.take(
                             self.X[i], f, g, bool(self.queue), self.nit + 1, _NO_LIMIT
                         )
                         return step

@@ -27,10 +27,10 @@ from bpgrad.globalopt._state import (
     _centre,
     _far,
     _fhat,
-    _grow_cells,
     _index,
     _lower_above,
     _more,
+    _more_f2,
     _new_state,
     _prune_level,
     _set_row,
@@ -49,8 +49,9 @@ _GAP, _COVERED, _MAXITER = 0, 1, 3
 @jit
 def _push(st: Any, c: int) -> None:
     if st.hn == st.hb.shape[0]:
-        n = 2 * st.hn
-        st.hb, st.hk, st.hc = _more(st.hb, 0.0, n), _more(st.hk, 0.0, n), _more(st.hc, 0, n)
+        st.hb = _more(st.hb, 0.0)
+        st.hk = _more(st.hk, 0.0)
+        st.hc = _more(st.hc, 0)
     v, k = st.bound[c], st.key[c]
     q = st.hn
     st.hn += 1
@@ -106,7 +107,28 @@ def _lower_bound(st: Any) -> float:
 def _new_cell(st: Any, lo: Any, hi: Any, depth: int) -> int:
     c = st.nc
     if c == st.bound.shape[0]:
-        _grow_cells(st, 2 * c)
+        st.clo = _more_f2(st.clo, 0.0)
+        st.chi = _more_f2(st.chi, 0.0)
+        st.slo = _more_f2(st.slo, math.inf)
+        st.shi = _more_f2(st.shi, -math.inf)
+        st.bound = _more(st.bound, -math.inf)
+        st.value = _more(st.value, math.inf)
+        st.size = _more(st.size, 0.0)
+        st.key = _more(st.key, 0.0)
+        st.head = _more(st.head, -1)
+        st.cfmax = _more(st.cfmax, -math.inf)
+        st.cfmin = _more(st.cfmin, math.inf)
+        st.stack = _more(st.stack, 0)
+        terms = np.empty((2 * c, _K), np.int64)
+        for i in range(2 * c):
+            for q in range(_K):
+                terms[i, q] = st.terms[i, q] if i < c else -1
+        st.terms = terms
+        st.state = _more(st.state, _LEAF)
+        st.centre = _more(st.centre, -1)
+        st.child = _more(st.child, -1)
+        st.sdim = _more(st.sdim, -1)
+        st.depth = _more(st.depth, 0)
     st.nc = c + 1
     _set_row(st.clo, c, lo)
     _set_row(st.chi, c, hi)
@@ -377,28 +399,23 @@ def _iterate(st: Any, queued: bool, nit: int) -> int:
 
 
 @jit
-def advance(st: Any, queued: bool, nit: int, limit: int) -> tuple[int, int, Any]:
-    """``ReferenceSearch.advance``: iterations up to the next point where Python acts."""
+def step(
+    st: Any, x: Any, f: float, g: Any, has_g: bool, take: bool, queued: bool, nit: int, limit: int
+) -> tuple[int, int, Any]:
+    """``ReferenceSearch.take`` (``take``) or ``advance``: one entry point for both, so that
+    numba compiles the search's iterations once."""
+    if take:
+        i = add(st, x, f, g, has_g)
+        idx = np.empty(st.ntodo, np.int64)
+        for q in range(st.ntodo):
+            idx[q] = i - st.ntodo + 1 + q
+        finish(st, idx)
     k = 0
     while True:
         ev = _iterate(st, queued, nit + k)
         if ev != _DONE or k + 1 >= limit:
             return ev, k, _points(st)
         k += 1
-
-
-@jit
-def take(
-    st: Any, x: Any, f: float, g: Any, has_g: bool, queued: bool, nit: int, limit: int
-) -> tuple[int, int, int, Any]:
-    """``ReferenceSearch.take``: the last point of a division, the division, and on."""
-    i = add(st, x, f, g, has_g)
-    idx = np.empty(st.ntodo, np.int64)
-    for q in range(st.ntodo):
-        idx[q] = i - st.ntodo + 1 + q
-    finish(st, idx)
-    ev, k, pts = advance(st, queued, nit, limit)
-    return i, ev, k, pts
 
 
 class CompiledSearch:
@@ -428,14 +445,13 @@ class CompiledSearch:
         start(self.st)
 
     def advance(self, queued: bool, nit: int, limit: int) -> tuple[int, int, Any]:
-        return advance(self.st, queued, nit, limit)
+        return step(self.st, self._nog, 0.0, self._nog, False, False, queued, nit, limit)
 
     def take(
         self, x: Any, f: float, g: Any, queued: bool, nit: int, limit: int
-    ) -> tuple[int, tuple[int, int, Any]]:
-        i, ev, k, pts = take(self.st, x, f, self._nog if g is None else g, g is not None,
-                             queued, nit, limit)  # fmt: skip
-        return i, (ev, k, pts)
+    ) -> tuple[int, int, Any]:
+        has_g = g is not None
+        return step(self.st, x, f, g if has_g else self._nog, has_g, True, queued, nit, limit)
 
     def finish(self, idx: list[int]) -> None:
         finish(self.st, np.array(idx, dtype=np.int64))

@@ -337,12 +337,12 @@ class ReferenceSearch:
 
     def take(
         self, x: FloatArray, f: float, g: FloatArray | None, queued: bool, nit: int, limit: int
-    ) -> tuple[int, tuple[Event, int, FloatArray]]:
+    ) -> tuple[Event, int, FloatArray]:
         """``add`` the last point of a division, ``finish`` the division, then ``advance``."""
         n = len(self._todo)
         i = self.add(x, f, g)
         self.finish(list(range(i - n + 1, i + 1)))
-        return i, self.advance(queued, nit, limit)
+        return self.advance(queued, nit, limit)
 
     def _iterate(self, queued: bool, nit: int) -> Event:
         self._refresh_L()

@@ -80,37 +80,23 @@ structref.define_boxing(_StateType, _State)
 # Array expressions and slice assignment pull in numba's broadcasting machinery, which costs
 # seconds of compile time each; the few copies and fills here are plain loops instead.
 @jit
-def _more2(a: Any, fill: Any, rows: int) -> Any:
-    """a (2-D) with ``rows`` rows, the new ones set to fill (of a's type)."""
-    out = np.full((rows, a.shape[1]), fill)
-    for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            out[i, j] = a[i, j]
+def _more_f2(a: Any, fill: float) -> Any:
+    """a with twice the rows, the new ones set to fill."""
+    n, d = a.shape
+    out = np.empty((2 * n, d))
+    for i in range(2 * n):
+        for j in range(d):
+            out[i, j] = a[i, j] if i < n else fill
     return out
 
 
 @jit
-def _more(a: Any, fill: Any, size: int) -> Any:
-    """a with ``size`` entries, the new ones set to fill (of a's type)."""
-    out = np.full(size, fill)
+def _more(a: Any, fill: Any) -> Any:
+    """a with twice the entries, the new ones set to fill (of a's type)."""
+    out = np.full(2 * a.shape[0], fill)
     for i in range(a.shape[0]):
         out[i] = a[i]
     return out
-
-
-@jit
-def _grow_cells(st: Any, cap: int) -> None:
-    """Every per-cell array with room for cap cells, new entries at their initial values."""
-    st.clo, st.chi = _more2(st.clo, 0.0, cap), _more2(st.chi, 0.0, cap)
-    st.slo, st.shi = _more2(st.slo, math.inf, cap), _more2(st.shi, -math.inf, cap)
-    st.terms = _more2(st.terms, -1, cap)
-    st.bound, st.value = _more(st.bound, -math.inf, cap), _more(st.value, math.inf, cap)
-    st.size, st.key = _more(st.size, 0.0, cap), _more(st.key, 0.0, cap)
-    st.cfmax, st.cfmin = _more(st.cfmax, -math.inf, cap), _more(st.cfmin, math.inf, cap)
-    st.head, st.stack = _more(st.head, -1, cap), _more(st.stack, 0, cap)
-    st.state, st.centre = _more(st.state, _LEAF, cap), _more(st.centre, -1, cap)
-    st.child, st.sdim = _more(st.child, -1, cap), _more(st.sdim, -1, cap)
-    st.depth = _more(st.depth, 0, cap)
 
 
 @jit
@@ -266,8 +252,9 @@ def add(st: Any, x: Any, f: float, g: Any, has_g: bool) -> int:
     """``ReferenceSearch.add``: record a sample, update the slopes, L and the best value."""
     i = st.n
     if i == st.F.shape[0]:
-        st.X, st.F = _more2(st.X, 0.0, 2 * i), _more(st.F, 0.0, 2 * i)
-        st.nxt = _more(st.nxt, -1, 2 * i)
+        st.X = _more_f2(st.X, 0.0)
+        st.F = _more(st.F, 0.0)
+        st.nxt = _more(st.nxt, -1)
     finite = math.isfinite(f)
     if finite:
         smax, rob = st.slope_max, st.robust_slope
@@ -402,14 +389,17 @@ def _new_state(
     st.X, st.F = np.zeros((cap, d)), np.zeros(cap)
     st.n, st.best, st.f_best, st.nonfinite, st.f_abs = 0, -1, math.inf, 0, 0.0
     st.slope_max, st.robust_slope = 0.0, 0.0
-    st.nxt = np.full(cap, -1)
-    f1, i1, f2 = np.empty(0), np.empty(0, np.int64), np.empty((0, d))
-    st.clo = st.chi = st.slo = st.shi = f2
-    st.terms = np.empty((0, _K), np.int64)
-    st.bound = st.value = st.size = st.key = st.cfmax = st.cfmin = f1
-    st.head = st.stack = st.state = st.centre = st.child = st.sdim = st.depth = i1
-    _grow_cells(st, cap)
-    st.nc, st.maxdepth, st.pruned_min = 0, 0, math.inf
+    st.nxt, st.head, st.stack = np.full(cap, -1), np.full(cap, -1), np.full(cap, 0)
+    st.cfmax, st.cfmin = np.full(cap, -math.inf), np.full(cap, math.inf)
+    st.maxdepth = 0
+    st.clo, st.chi = np.zeros((cap, d)), np.zeros((cap, d))
+    st.slo, st.shi = np.full((cap, d), math.inf), np.full((cap, d), -math.inf)
+    st.bound, st.value = np.full(cap, -math.inf), np.full(cap, math.inf)
+    st.size, st.key = np.zeros(cap), np.zeros(cap)
+    st.terms = np.full(cap * _K, -1).reshape(cap, _K)
+    st.state, st.centre = np.full(cap, 0), np.full(cap, -1)
+    st.child, st.sdim, st.depth = np.full(cap, -1), np.full(cap, -1), np.full(cap, 0)
+    st.nc, st.pruned_min = 0, math.inf
     st.hb, st.hk, st.hc, st.hn = np.zeros(cap), np.zeros(cap), np.zeros(cap, np.int64), 0
     st.pending, st.npend = np.zeros(64, np.int64), 0
     st.todo, st.ntodo, st.div_cell, st.div_k0 = np.zeros((2, d)), 0, -1, -1
