@@ -27,7 +27,16 @@ KIND_NAMES: tuple[str, ...] = ("global", "branch", "polish", "fd")
 
 
 class Search(Protocol):
-    """What the driver needs of a search (``_engine.CompiledSearch``, ``ReferenceSearch``)."""
+    """What the driver needs of a search (``_engine.CompiledSearch``, ``ReferenceSearch``).
+
+    ``add`` records an evaluated sample (and updates L and the best value); ``insert_term`` lets
+    a sample that is no cell's centre tighten its cell's bound. ``advance`` runs iterations (at
+    most ``limit``) up to the next one that needs the driver and returns its event, how many
+    iterations without evaluation ran before it, and the points to evaluate: ``EVAL`` (evaluate
+    them, ``add`` each and hand their indices to ``finish``), ``BRANCH`` (take one queued
+    branch step), ``DONE`` (nothing to do) or ``STOP`` (``info()[5]`` is the status). ``take``
+    is ``add`` of a division's last point, ``finish`` and ``advance`` in one call.
+    """
 
     def add(self, x: FloatArray, f: float, g: FloatArray | None) -> int: ...
     def insert_term(self, i: int) -> None: ...

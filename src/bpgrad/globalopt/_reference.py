@@ -5,19 +5,7 @@ makes the same decisions (which cell to divide, which centres to evaluate, which
 with plain O(n) scans over the samples and a list of cells, and is only used by the tests, which
 run both side by side and demand the same evaluated points up to floating-point tolerance.
 
-Both classes are driven by ``_core._Run`` through the same small interface:
-
-* ``add(x, f, g) -> i`` records an evaluated sample (and updates L and the best value);
-  ``insert_term(i)`` lets a sample that is not a cell centre tighten its cell's bound;
-* ``advance(queued, nit, limit) -> (event, k, points)`` runs iterations of the search (at most
-  ``limit``) up to the next point where Python must act: ``EVAL`` (evaluate the rows of
-  ``points``, ``add`` them and hand their indices to ``finish``), ``DONE`` (an iteration without
-  evaluation), ``BRANCH`` (the driver takes one queued branch step), ``STOP`` (``status`` says
-  why); k iterations without evaluation ran before it;
-* ``take(x, f, g, queued, nit, limit)`` is ``add`` of a division's last point, ``finish``
-  and ``advance`` in one call (one compiled call per evaluation in the common case);
-* ``in_ball(y)``, ``fhat()``, ``lower_bound()`` and the scalars ``L``, ``slope_max``,
-  ``robust_slope``, ``status``.
+Both are driven by ``_core._Run`` through the interface ``_core.Search`` describes.
 """
 
 from __future__ import annotations
