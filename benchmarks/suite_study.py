@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     for problem_name in args.problems:
         problem = get_problem(problem_name)
         splits = problem.load(seed=0)
-        budget = Budget(BUDGET[problem_name])
+        budget = Budget(args.epochs or BUDGET[problem_name])
         for seed in args.seeds:
             for opt in variants(args.edges):
                 outcome = run_trial(problem, opt, seed, budget, out=Path(args.out), splits=splits,
@@ -100,7 +100,8 @@ def _finals(out: Path, problem: str) -> dict[str, dict[int, dict[str, Any]]]:
             continue
         seed = int(path.stem.split("_")[1])
         found.setdefault(path.parent.name, {})[seed] = {
-            **lines[-1].get("final", {}), "status": lines[-1]["status"]}
+            **lines[-1].get("final", {}), "status": lines[-1]["status"],
+            "epochs": lines[0].get("budget", {}).get("epochs")}
     return found
 
 
@@ -132,6 +133,8 @@ class ProblemSummary:
     grids: dict[str, tuple[str, list[tuple[str, float]]]]
     #: LR-free label -> signed mean test metric (higher = better)
     scores: dict[str, float]
+    #: the trials' budget in epochs (from their config records)
+    epochs: int | None = None
 
 
 def summarize(out: Path, problem: str) -> ProblemSummary | None:
@@ -167,7 +170,9 @@ def summarize(out: Path, problem: str) -> ProblemSummary | None:
             grids[base] = (key, [(lab.split("=")[1], mean_of(lab, m.valid)) for lab in labs])
     rows += [(lab, lab, values(lab, m.test)) for lab in LR_FREE if lab in complete]
     scores = {lab: sign * mean_of(lab, m.test) for lab in LR_FREE if lab in complete}
-    return ProblemSummary(problem, seeds, rows, grids, scores)
+    epochs = {per[s].get("epochs") for per in complete.values() for s in seeds}
+    return ProblemSummary(problem, seeds, rows, grids, scores,
+                          epochs.pop() if len(epochs) == 1 else None)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -179,7 +184,7 @@ def report(args: argparse.Namespace) -> None:
             continue
         m = METRIC[problem]
         ts = problem == "teacher_student"
-        print(f"\n#### {problem}: {m.label}, {BUDGET[problem]} epoch(s), seeds {summary.seeds}\n")
+        print(f"\n#### {problem}: {m.label}, {summary.epochs} epoch(s), seeds {summary.seeds}\n")
         print("| optimizer | " + m.label + (" | reached global (< 1e-4)" if ts else "") + " |")
         print("|---|---|" + ("---|" if ts else ""))
         for shown, _, vals in summary.rows:
@@ -247,7 +252,7 @@ def plot(args: argparse.Namespace) -> None:
             ax.set_xscale("log")
         better = "higher" if m.higher_is_better else "lower"
         ax.set_title(f"{summary.problem}: {m.label} ({better} is better), "
-                     f"{BUDGET[summary.problem]} ep, {len(summary.seeds)} seeds", fontsize=9)
+                     f"{summary.epochs} ep, {len(summary.seeds)} seeds", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     for ax in list(axes.flat)[len(summaries):]:
         ax.set_visible(False)
@@ -267,6 +272,8 @@ def main() -> None:
     p_run.add_argument("--out", default="runs/suite")
     p_run.add_argument("--problems", nargs="+", default=list(BUDGET), choices=list(BUDGET))
     p_run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p_run.add_argument("--epochs", type=int, default=None,
+                       help="override the problem's short budget (the long-budget study: its own --out)")
     p_run.add_argument("--edges", action="store_true",
                        help="also run the grid points beyond the core grids' ends (EDGES)")
     p_rep = sub.add_parser("report")
