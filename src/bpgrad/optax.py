@@ -97,7 +97,7 @@ class BPGradState(NamedTuple):
     running_min: jax.Array  # m_t, +inf before the first step, never reset
     epoch_loss_sum: jax.Array
     epoch_loss_count: jax.Array
-    grad_norm_max: jax.Array  # auto L: running max of the eps-free gradient norm
+    grad_norm_max: jax.Array  # auto L: running max of the eps-free gradient norms above the floor
     lipschitz_floor: jax.Array  # auto L: the warm-up floor W_t
     lipschitz_estimate: jax.Array  # auto L: the estimate used by the last step
     param_norm_init: jax.Array  # ||x_0||, taken by init, for the auto-L warm-up floor

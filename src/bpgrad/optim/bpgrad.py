@@ -103,12 +103,14 @@ class BPGrad(Optimizer):
         lipschitz: :math:`L`, the Lipschitz constant of the loss w.r.t. the parameters (a bound on
             ``||grad f||``, not the smoothness constant). Acts like an inverse learning rate. The
             official CIFAR-10 code uses 50. Per group. ``"auto"`` estimates it online, on the
-            device, as :math:`\hat L_t = \max(\max_{\tau \le t} n_\tau,\ W_0 \gamma^t)`: the
-            running max of the global gradient norm :math:`n_\tau` (the smallest L consistent
-            with the observed gradients), floored during warm-up by
-            :math:`W_0 = F_0 / (\varepsilon (1 + \|x_0\|))`, which bounds the first step to
-            :math:`(1-\rho)\,\varepsilon (1 + \|x_0\|)`. One estimate shared by all auto groups,
-            identical on every DDP rank, kept in ``state_dict``; see docs/lipschitz.md.
+            device, as :math:`\hat L_t = \max(\max_{\tau \le t,\ n_\tau > W_\tau} n_\tau,\ W_t)`:
+            the running max of the global gradient norm :math:`n_\tau` (the smallest L consistent
+            with the observed gradients) over the steps where it exceeds the warm-up floor
+            :math:`W_t = W_0 \gamma^t`, :math:`W_0 = F_0 / (\varepsilon (1 + \|x_0\|))`, which
+            bounds the first step to :math:`(1-\rho)\,\varepsilon (1 + \|x_0\|)`; slopes of the
+            initial transient, while the floor decides, are not remembered. One estimate shared by
+            all auto groups, identical on every DDP rank, kept in ``state_dict``; see
+            docs/lipschitz.md.
         rho: :math:`\rho \in [0, 1)`, turns the best objective seen into the estimate
             :math:`\hat f^* = \rho\, m_t` of the global minimum. 0 gives the guaranteed lower bound
             0 (for ``f >= 0``); the official code uses 0.1. Per group.
