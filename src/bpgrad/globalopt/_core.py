@@ -29,13 +29,12 @@ KIND_NAMES: tuple[str, ...] = ("global", "branch", "polish", "fd")
 class Search(Protocol):
     """What the driver needs of a search (``_engine.CompiledSearch``, ``ReferenceSearch``).
 
-    ``add`` records an evaluated sample (and updates L and the best value); ``insert_term`` lets
-    a sample that is no cell's centre tighten its cell's bound. ``advance`` runs iterations (at
-    most ``limit``) up to the next one that needs the driver and returns its event, how many
-    iterations without evaluation ran before it, and the points to evaluate: ``EVAL`` (evaluate
-    them, ``add`` each and hand their indices to ``finish``), ``BRANCH`` (take one queued
-    branch step), ``DONE`` (nothing to do) or ``STOP`` (``info()[5]`` is the status). ``take``
-    is ``add`` of a division's last point, ``finish`` and ``advance`` in one call.
+    ``add`` records a sample (and updates L and the best value); ``insert_term`` lets one that
+    is no cell's centre tighten its cell's bound. ``advance`` runs iterations (at most
+    ``limit``) up to one that needs the driver: its event, how many iterations without
+    evaluation ran before it, the points to evaluate. ``EVAL``: ``add`` each and hand their
+    indices to ``finish``; ``BRANCH``: one queued branch step; ``DONE``: nothing; ``STOP``:
+    ``info()[5]`` is the status. ``take`` is ``add``, ``finish`` and ``advance`` in one call.
     """
 
     def add(self, x: FloatArray, f: float, g: FloatArray | None) -> int: ...
@@ -68,11 +67,7 @@ search_factory: Callable[[], Callable[..., Search]] = _compiled_search
 
 
 class _Stop(Exception):
-    """Internal: unwinds the search with a status code."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+    """Internal: unwinds the search; ``args[0]`` is the status."""
 
 
 def _as_value(value: Any) -> float:
@@ -183,8 +178,7 @@ def minimize(
         maxiter: budget of iterations (one cell division, one pruned cell, one branch step with
             its polish, or one re-evaluated cell centre each); default ``100 maxfev``. Cells
             whose centres lie in pruning balls are divided without an evaluation, so this also
-            bounds the work between evaluations (a very elongated box with a true L can
-            otherwise divide for a long time without finding a point worth evaluating).
+            bounds the work between evaluations (say, on a very elongated box with a true L).
         f_target: stop as soon as a value ``<= f_target`` is seen.
         polish: run the local polish from each new best point.
         polish_maxfev: evaluations per polish run (default ``50 (d + 1)``).
@@ -197,10 +191,9 @@ def minimize(
             nfev, njev, nit, lower_bound, lipschitz``; returning ``True`` or raising
             ``StopIteration`` ends the run with status 4. It gets a copy: changing it has no
             effect.
-        seed: seeds the only random choice, the order of cells with exactly equal bounds
-            (an integer, or anything ``numpy.random.default_rng`` takes, from which one integer
-            is drawn);
-            ``None`` means 0, so a run is reproducible by default.
+        seed: seeds the only random choice, the order of cells with exactly equal bounds (an
+            integer, or anything ``numpy.random.default_rng`` takes, from which one integer is
+            drawn); ``None`` means 0, so a run is reproducible by default.
 
     Raises:
         ImportError: if numba (the ``globalopt`` extra) is not installed.
@@ -427,7 +420,7 @@ class _Run:
                 if step is None:
                     step = S.advance(bool(self.queue), self.nit, limit)
         except _Stop as stop:
-            status = stop.status
+            status = stop.args[0]
         if self.nonfinite == len(self.F):
             status = Status.NONFINITE
         return self._result(status)
@@ -436,12 +429,9 @@ class _Run:
         self, points: FloatArray, merge: bool
     ) -> tuple[int, int, FloatArray] | None:
         """Evaluate the centres a division asked for and hand them back to it, also when the
-        run stops half way (the cells must still be placed for the lower bound to hold).
-
-        With ``merge`` (no callback), when none of the new samples starts a polish or a branch
-        chain and none reaches f_target, nothing runs between the division and the next
-        iterations: the last sample, the division's end and those iterations go to the search
-        in one call (``take``), whose next step is returned."""
+        run stops half way (the cells must still be placed for the lower bound to hold). With
+        ``merge`` (no callback), if no new sample starts a polish or a branch chain or reaches
+        f_target, the last one goes to the search with ``take``, whose next step is returned."""
         idx = [-1] * len(points)
         step = None
         try:
@@ -466,9 +456,9 @@ class _Run:
 
     def _acts(self, i: int, depth: int = 0) -> bool:
         """Whether ``_after_sample(i, depth)`` would polish or queue a branch step."""
-        if not math.isfinite(self.F[i]):
-            return False
-        return (i == self.best and self.do_polish) or (self.do_branch and depth < self.branch_steps)
+        polish = i == self.best and self.do_polish
+        branch = self.do_branch and depth < self.branch_steps
+        return math.isfinite(self.F[i]) and (polish or branch)
 
     def _after_sample(self, i: int, depth: int) -> None:
         """A branch or re-sampling evaluation: polish a new best point, else branch from it."""
@@ -588,9 +578,7 @@ class _Run:
         if status in (Status.GAP, Status.COVERED) and not certified:
             message += " The lower bound rests on an estimated or violated L: not a certificate."
         if violated:
-            message += (
-                f" Warning: an observed slope {robust:.6g} exceeds lipschitz={self.known_L}."
-            )
+            message += f" Warning: an observed slope {robust:.6g} exceeds lipschitz={self.known_L}."
         n = len(self.F)
         res.update(
             status=Status(status),
