@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from bpgrad.globalopt._reference import MIN_REL_SIZE, MIN_SIDE_RATIO
+from bpgrad.globalopt._reference import MIN_REL_SIZE, MIN_SIDE_RATIO, Event
+from bpgrad.globalopt._result import Status
 from bpgrad.globalopt._state import (
     _K,
     _LEAF,
@@ -41,8 +42,8 @@ from bpgrad.globalopt._state import (
 
 __all__ = ["CompiledSearch"]
 
-_EVAL, _DONE, _BRANCH, _STOP = 0, 1, 2, 3
-_GAP, _COVERED, _MAXITER = 0, 1, 3
+_EVAL, _DONE, _BRANCH, _STOP = map(int, Event)  # plain ints in compiled code
+_GAP, _COVERED, _MAXITER = int(Status.GAP), int(Status.COVERED), int(Status.MAXITER)
 
 
 # ---- cells ----

@@ -22,10 +22,10 @@ import numpy as np
 from numba import njit, types
 from numba.experimental import structref
 
-from bpgrad.globalopt._reference import K_TERMS, L_GRID, SLOPE_RTOL
+from bpgrad.globalopt._reference import K_TERMS, L_GRID, SLOPE_RTOL, CellState
 
 _K = K_TERMS
-_LEAF, _SPLIT, _PRUNED, _RETIRED = 0, 1, 2, 3
+_LEAF, _SPLIT, _PRUNED, _RETIRED = map(int, CellState)  # plain ints in compiled code
 _MARGIN = 1e-9  # relative safety margin of the subtree bounds
 
 jit = njit(cache=True, nogil=True)
