@@ -170,6 +170,23 @@ def test_compiled_search_chooses_the_reference_points(
     assert fast.lipschitz == pytest.approx(ref.lipschitz, rel=1e-12)
 
 
+# short polish runs, so later divisions find new best points to polish
+SHORT_POLISH = {"func": six_hump, "bounds": [(-2, 2), (-1, 1)], "polish_maxfev": 2, "maxfev": 300}
+
+
+@pytest.mark.parametrize("name", [*sorted(CASES), "short polish"])
+def test_a_callback_that_returns_nothing_changes_nothing(name: str) -> None:
+    # Without a callback, a division's last sample, its end and the iterations up to the next
+    # evaluation are one compiled call; with one, every iteration returns to Python.
+    kw = SHORT_POLISH if name == "short polish" else CASES[name]
+    seen: list[int] = []
+    plain = minimize(**kw)
+    watched = minimize(**kw, callback=lambda r: seen.append(r.nit))
+    assert np.array_equal(plain.history_x, watched.history_x)
+    assert plain.status == watched.status and plain.lower_bound == watched.lower_bound
+    assert seen == list(range(1, plain.nit + 1)) and watched.nit == plain.nit
+
+
 # ---- defects of issue 13 ----
 def test_elongated_box_with_true_lipschitz_returns_within_budget() -> None:
     # Cells were trisected along the 0.001 side as often as along the 1000 side; those cuts
