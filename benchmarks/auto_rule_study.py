@@ -23,6 +23,9 @@ below takes ``max(W_t, .)``):
 * ``prog``        ``max``, but the floor decays only on steps where the smoothed objective (EMA 0.9)
                   reaches a new minimum: the warm-up ends on loss progress, not on a clock
 * ``progpw``      ``prog`` with the running max of ``postwarm``
+* ``cap<k>``      ``postwarm`` plus a cap on the step length, ``eta_t <= k (1 + ||x_0||)``: ``L_t >=
+                  (F_t - rho m_t) / (k (1 + ||x_0||))``; a norm counts only above floor and cap
+* ``capw<k>``     the same cap, a norm counts once above the warm-up floor (as in ``postwarm``)
 
 A suffix ``/wd<value>`` sets the weight decay (default: the registry's 5e-4).
 """
@@ -70,6 +73,8 @@ class RuleBPGrad(BPGrad):
         self.ema = 0.0
         self.loss_ema = 0.0
         self.loss_best = math.inf
+        self.x0 = 0.0
+        self.running_min = math.inf
         #: per step: n_t, L_t, F_t, ||x_t||
         self.trace: list[tuple[float, ...]] = []
 
@@ -87,15 +92,27 @@ class RuleBPGrad(BPGrad):
         smoothed = self.loss_ema / (1 - 0.9 ** (self.t + 1))
         progress = smoothed < self.loss_best
         self.loss_best = min(self.loss_best, smoothed)
+        self.running_min = min(self.running_min, f)
         if self.t == 0:
             x0 = math.sqrt(sum(float(p.detach().norm()) ** 2
                                for g in self.param_groups for p in g["params"]))
+            self.x0 = x0
             self.floor = f / (self.warmup * (1.0 + x0))
         elif not rule.startswith("prog") or progress:
             self.floor *= self.decay
         self.t += 1
+        # cap<k>: a step-length cap eta_t <= k (1 + ||x_0||), i.e. L >= (F - rho m) / (k (1 + ||x_0||))
+        cap = 0.0
+        if m := re.fullmatch(r"capw?([\d.e-]+)", rule):
+            rho = self.param_groups[0]["rho"]
+            cap = (f - rho * self.running_min) / (float(m[1]) * (1.0 + self.x0))
         if rule.startswith("fixed"):
             lip = float(rule[5:])
+        elif rule.startswith("cap"):
+            # cap: counts only when it would decide the step; capw: once above the warm-up floor
+            if n > (self.floor if rule.startswith("capw") else max(self.floor, cap)):
+                self.peak = max(self.peak, n)
+            lip = max(self.floor, cap, self.peak)
         else:
             if rule in ("max", "prog"):
                 self.peak = max(self.peak, n)

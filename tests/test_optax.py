@@ -317,10 +317,15 @@ def test_inject_hyperparams_equals_plain_and_changes_take_effect() -> None:
 
 def test_inject_hyperparams_with_auto_lipschitz() -> None:
     stream = _stream(5, 5, False, 0.0)
-    # auto_warmup shapes the control flow: traced (jit) it must be static, and says so.
-    with pytest.raises(TypeError, match="static_args=\\('auto_warmup',\\)"):
+    # auto_warmup and auto_max_step shape the control flow: traced (jit) they must be static,
+    # and the error says so, naming both.
+    with pytest.raises(TypeError, match="static_args=\\('auto_warmup', 'auto_max_step'\\)"):
         _run(optax.inject_hyperparams(bpgrad)(lipschitz="auto"), stream, _params())
-    injected = optax.inject_hyperparams(bpgrad, static_args=("auto_warmup",))(lipschitz="auto")
+    with pytest.raises(TypeError, match="auto_max_step"):
+        _run(optax.inject_hyperparams(bpgrad, static_args=("auto_warmup",))(lipschitz="auto"),
+             stream, _params())
+    injected = optax.inject_hyperparams(bpgrad, static_args=("auto_warmup", "auto_max_step"))(
+        lipschitz="auto")
     _assert_trees_close(_run(injected, stream, _params())[0],
                         _run(bpgrad("auto"), stream, _params())[0])
     # Outside jit the values are concrete and no declaration is needed.

@@ -120,7 +120,8 @@ assert set(_RULE_FIELDS) | {"buffer_scale"} == set(_scalars.STATE_KEYS)
 # Valid stand-ins used to validate the other options when one arrives traced (under
 # optax.inject_hyperparams inside jit its value cannot be read).
 _STAND_INS = {"lipschitz": 1.0, "lr": 1.0, "rho": 0.0, "momentum": 0.0, "weight_decay": 0.0,
-              "eps": 0.0, "loss_lower_bound": 0.0, "auto_warmup": 0.0, "auto_warmup_decay": 0.0}
+              "eps": 0.0, "loss_lower_bound": 0.0, "auto_warmup": 0.0, "auto_warmup_decay": 0.0,
+              "auto_max_step": 0.0}
 
 T = TypeVar("T")
 
@@ -137,6 +138,7 @@ def bpgrad(
     loss_lower_bound: float | jax.Array = 0.0,
     auto_warmup: float | jax.Array = 1e-3,
     auto_warmup_decay: float | jax.Array = 0.95,
+    auto_max_step: float | jax.Array = 1e-2,
     maximize: bool = False,
     lr: ScalarOrSchedule = 1.0,
     accumulator_dtype: Any = None,
@@ -178,6 +180,8 @@ def bpgrad(
             (default: 0.0)
         auto_warmup: :math:`\varepsilon \ge 0` of the ``"auto"`` warm-up floor. (default: 1e-3)
         auto_warmup_decay: :math:`\gamma \in [0, 1)`, its per-step decay. (default: 0.95)
+        auto_max_step: :math:`\kappa \ge 0`, the ``"auto"`` step-length cap
+            :math:`\eta_t \le \kappa (1 + \|x_0\|)` (0 disables it). (default: 1e-2)
         maximize: the updates are gradients of an objective :math:`J` to maximise and ``value``
             is :math:`J`; BPGrad works on :math:`f = -J -` ``loss_lower_bound``.
             (default: False)
@@ -203,8 +207,8 @@ def bpgrad(
         >>> params = optax.apply_updates(params, updates)
 
     With ``optax.inject_hyperparams`` every numeric option may be changed through the state;
-    ``auto_warmup`` with ``lipschitz="auto"`` shapes the rule's control flow and must be named
-    in ``static_args``. Under ``optax.MultiSteps`` the value passed with the k-th micro-batch is
+    ``auto_warmup`` and ``auto_max_step`` with ``lipschitz="auto"`` shape the rule's control
+    flow and must be named in ``static_args``. Under ``optax.MultiSteps`` the value passed with the k-th micro-batch is
     the one used: pass the mean loss of the accumulated micro-batches there.
 
     .. warning::
@@ -223,21 +227,25 @@ def bpgrad(
         lipschitz=lipschitz, rho=rho, momentum=momentum, weight_decay=weight_decay,
         objective=objective, momentum_style=momentum_style, eps=eps,
         loss_lower_bound=loss_lower_bound, auto_warmup=auto_warmup,
-        auto_warmup_decay=auto_warmup_decay, maximize=maximize, lr=lr))
+        auto_warmup_decay=auto_warmup_decay, auto_max_step=auto_max_step, maximize=maximize,
+        lr=lr))
     auto = isinstance(lipschitz, str)
     lower_bound = _concrete(loss_lower_bound)
     warmup = _concrete(auto_warmup)
-    if auto and _is_traced(warmup):
+    max_step = _concrete(auto_max_step)
+    if auto and (_is_traced(warmup) or _is_traced(max_step)):
         raise TypeError(
-            "auto_warmup decides the control flow of lipschitz='auto' and cannot be traced; "
-            "under optax.inject_hyperparams name it in static_args=('auto_warmup',)")
+            "auto_warmup and auto_max_step decide the control flow of lipschitz='auto' and "
+            "cannot be traced; under optax.inject_hyperparams name them in "
+            "static_args=('auto_warmup', 'auto_max_step')")
     cfg = _scalars.RuleConfig(
         eps=_concrete(eps),
         # A traced lower bound cannot take the rule's Python branch; it is subtracted from the
         # loss before the rule instead (the same floating-point operations).
         loss_lower_bound=0.0 if _is_traced(lower_bound) else lower_bound,
         maximize=maximize, epoch_mean=objective == "epoch_mean", auto=auto,
-        auto_warmup=warmup if auto else 0.0, auto_warmup_decay=_concrete(auto_warmup_decay))
+        auto_warmup=warmup if auto else 0.0, auto_warmup_decay=_concrete(auto_warmup_decay),
+        auto_max_step=max_step if auto else 0.0)
     pre_shift = lower_bound if _is_traced(lower_bound) else None
     # Decided by type, not value, so that init and update agree when inject_hyperparams turns a
     # number into an array (concrete at init, traced in a jitted update).

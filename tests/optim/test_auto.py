@@ -43,12 +43,17 @@ def spec(params: list[torch.Tensor]) -> list[dict]:
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.parametrize(("warmup", "decay"), [(1e-3, 0.95), (0.0, 0.5), (0.3, 0.0)])
-def test_auto_matches_reference_every_step(kernel: str, warmup: float, decay: float) -> None:
+@pytest.mark.parametrize(("warmup", "decay", "max_step"),
+                         [(1e-3, 0.95, 1e-2), (1e-3, 0.95, 0.0), (0.0, 0.5, 0.0), (0.3, 0.0, 0.0),
+                          (0.0, 0.5, 1.0)])
+def test_auto_matches_reference_every_step(kernel: str, warmup: float, decay: float,
+                                           max_step: float) -> None:
     params = make_params()
     ref_params = [p.clone() for p in params]
-    opt = BPGrad(spec(params), auto_warmup=warmup, auto_warmup_decay=decay, **KERNELS[kernel])
-    ref = ReferenceBPGrad(spec(ref_params), auto_warmup=warmup, auto_warmup_decay=decay)
+    opt = BPGrad(spec(params), auto_warmup=warmup, auto_warmup_decay=decay,
+                 auto_max_step=max_step, **KERNELS[kernel])
+    ref = ReferenceBPGrad(spec(ref_params), auto_warmup=warmup, auto_warmup_decay=decay,
+                          auto_max_step=max_step)
     gen = torch.Generator().manual_seed(1)
     for t in range(25):
         loss = 0.05 + float(torch.rand((), generator=gen, dtype=torch.float64))
@@ -80,7 +85,7 @@ def test_estimate_is_the_smallest_l_consistent_with_observed_gradients() -> None
     # Without warm-up the estimate is exactly the running max of the global gradient norm, and
     # eta * L_hat = F - rho*m: the step never exceeds the Polyak step (F - rho m)/||g||.
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    opt = BPGrad([p], lipschitz="auto", auto_warmup=0.0, rho=0.0, momentum=0.0)
+    opt = BPGrad([p], lipschitz="auto", auto_warmup=0.0, auto_max_step=0.0, rho=0.0, momentum=0.0)
     norms = [2.0, 5.0, 1.0, 3.0]
     for n in norms:
         p.grad = torch.tensor([n, 0.0, 0.0], dtype=torch.float64)
@@ -94,7 +99,7 @@ def test_slopes_seen_while_the_floor_decides_do_not_lock_the_estimate() -> None:
     # once the floor has decayed below the observed norms, they set the estimate as before.
     p = torch.nn.Parameter(torch.full((2,), 1.0, dtype=torch.float64))  # ||x_0|| = sqrt(2)
     opt = BPGrad([p], lipschitz="auto", rho=0.1, momentum=0.0, auto_warmup=1e-3,
-                 auto_warmup_decay=0.5)
+                 auto_warmup_decay=0.5, auto_max_step=0.0)
     floor = 1.0 / (1e-3 * (1.0 + math.sqrt(2.0)))  # W_0 = F_0 / (eps (1 + ||x_0||)), ~414
     norms = [1.0, 150.0, 2.0] + [2.0] * 12 + [3.0]  # the spike 150 < W_1 ~ 207
     for t, n in enumerate(norms):
@@ -107,6 +112,32 @@ def test_slopes_seen_while_the_floor_decides_do_not_lock_the_estimate() -> None:
     assert float(opt.stats["lipschitz"]) == 3.0
     # the old rule (every observation counts) would have kept 150
     assert floor * 0.5 ** 1 > 150.0
+
+
+def test_the_step_length_never_exceeds_the_cap_and_the_cap_decides_on_small_gradients() -> None:
+    # eta_t <= kappa (1 + ||x_0||) on every step, whatever the gradients; with gradients far
+    # smaller than F_t / (kappa (1 + ||x_0||)), the cap is the estimate once the warm-up floor has
+    # decayed: eta_t = kappa (1 + ||x_0||) (F_t - rho m_t) / F_t exactly.
+    kappa = 0.02
+    for tiny in (False, True):
+        p = torch.nn.Parameter(torch.full((4,), 1.5, dtype=torch.float64))  # ||x_0|| = 3
+        opt = BPGrad([p], lipschitz="auto", rho=0.1, momentum=0.9, auto_max_step=kappa)
+        gen = torch.Generator().manual_seed(3)
+        running_min = math.inf
+        for t in range(200):
+            loss = 1.0 + float(torch.rand((), generator=gen, dtype=torch.float64))
+            running_min = min(running_min, loss)
+            exponent = float(torch.empty(()).uniform_(-3, 1, generator=gen))
+            scale = 1e-4 if tiny else 10.0 ** exponent
+            p.grad = scale * torch.randn(4, generator=gen, dtype=torch.float64)
+            opt.step(loss=loss)
+            eta = float(opt.stats["eta"])
+            assert eta <= kappa * 4.0 * (1 + 1e-12)
+            if tiny and t >= 150:  # the floor is at 0.95^150 ~ 5e-4 of W_0, below the cap
+                expected = kappa * 4.0 * (loss - 0.1 * running_min) / loss
+                assert eta == pytest.approx(expected, rel=1e-12)
+                assert float(opt.stats["lipschitz"]) == pytest.approx(loss / (kappa * 4.0),
+                                                                      rel=1e-12)
 
 
 def test_warmup_bounds_the_first_step_relative_to_the_weights() -> None:
@@ -127,6 +158,8 @@ def test_validation() -> None:
         BPGrad([p], lipschitz="auto", auto_warmup=-1.0)
     with pytest.raises(ValueError, match="auto_warmup_decay"):
         BPGrad([p], lipschitz="auto", auto_warmup_decay=1.0)
+    with pytest.raises(ValueError, match="auto_max_step"):
+        BPGrad([p], lipschitz="auto", auto_max_step=-0.1)
     with pytest.raises(ValueError, match="optimizer-wide"):
         opt = BPGrad([p], lipschitz="auto")
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))],

@@ -378,7 +378,7 @@ def _register_builtin() -> None:
         # multiplier study (L_used = L_hat / lr).
         defaults={"lipschitz": "auto", "rho": 0.1, "momentum": 0.9, "weight_decay": wd,
                   "objective": "minibatch", "momentum_style": "matconvnet", "lr": 1.0,
-                  "auto_warmup": 1e-3, "auto_warmup_decay": 0.95},
+                  "auto_warmup": 1e-3, "auto_warmup_decay": 0.95, "auto_max_step": 1e-2},
         module="bpgrad.optim", distribution="bpgrad",
         needs_loss=True, epoch_hook=True, lr_key=None,
         notes="learning-rate free; L estimated online (docs/lipschitz.md)",

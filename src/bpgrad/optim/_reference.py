@@ -19,7 +19,8 @@ the steps taken)::
     W_t   = F_0 / (auto_warmup * (1 + ||x_0||))   t = 0    x_0 = parameters at the first call
           = auto_warmup_decay * W_{t-1}           t > 0    (W = 0 when auto_warmup = 0)
     M_t   = max(M_{t-1}, n_t)   if n_t > W_t   else M_{t-1}      M_{-1} = 0
-    L_t   = max(M_t, W_t)
+    C_t   = F_t / (auto_max_step * (1 + ||x_0||))            (C = 0 when auto_max_step = 0)
+    L_t   = max(M_t, W_t, C_t)
 
 where F_t is f_t (``objective="minibatch"``) or the mean of the f values since the last
 ``start_epoch()`` (``objective="epoch_mean"``). A step whose loss or gradient norm is not finite,
@@ -39,7 +40,7 @@ class ReferenceBPGrad:
 
     def __init__(self, param_groups: Iterable[dict], *, objective: str = "minibatch",
                  loss_lower_bound: float = 0.0, auto_warmup: float = 1e-3,
-                 auto_warmup_decay: float = 0.95) -> None:
+                 auto_warmup_decay: float = 0.95, auto_max_step: float = 1e-2) -> None:
         self.param_groups = [dict(g) for g in param_groups]
         for g in self.param_groups:
             g["params"] = list(g["params"])
@@ -57,6 +58,7 @@ class ReferenceBPGrad:
         self.last_norm = math.nan
         self.auto_warmup = auto_warmup
         self.auto_warmup_decay = auto_warmup_decay
+        self.auto_max_step = auto_max_step
         self.grad_norm_max = 0.0
         self.floor = 0.0
         self.x0_norm: float | None = None
@@ -99,7 +101,10 @@ class ReferenceBPGrad:
                 self.floor = self.auto_warmup_decay * self.floor
         if norm > self.floor:  # observations count once the floor no longer decides the step
             self.grad_norm_max = max(self.grad_norm_max, norm)
-        self.lipschitz_estimate = max(self.grad_norm_max, self.floor)
+        cap = 0.0
+        if self.auto_max_step > 0.0:  # the step-length cap eta_t <= auto_max_step (1 + ||x_0||)
+            cap = big_f / (self.auto_max_step * (1.0 + self.x0_norm))
+        self.lipschitz_estimate = max(self.grad_norm_max, self.floor, cap)
         self.last_eta = []
         for g in self.param_groups:
             lipschitz = g["lipschitz"]

@@ -24,10 +24,11 @@ The rule, with :math:`S` the AMP gradient scale, :math:`f` the loss minus its lo
     eta_g  = lr_g * (F - rho_g * m) / L_g    per group (unmasked, for the statistics)
     step_g = eta_g / n if ok else 0          what the fused kernel multiplies the buffer by
     r      = n / n_prev if ok else 1         moves the stored buffer n_prev*beta to n*beta
-    auto:  W = W_0 (first step) or gamma W; M = max(M, n - eps) if n - eps > W; L = max(M, W)
-           (when ok)
+    auto:  W = W_0 (first step) or gamma W; M = max(M, n - eps) if n - eps > W;
+           C = F / (kappa (1 + ||x_0||)); L = max(M, W, C)   (when ok)
 
-with :math:`W_0 = F_0 / (\varepsilon_w (1 + \|x_0\|))` (docs/lipschitz.md). A skipped step
+with :math:`W_0 = F_0 / (\varepsilon_w (1 + \|x_0\|))` and :math:`\kappa` = ``auto_max_step``
+(docs/lipschitz.md). A skipped step
 (``ok`` false) changes nothing but the ``skipped_steps`` counter.
 """
 
@@ -139,6 +140,7 @@ class RuleConfig:
     auto: bool
     auto_warmup: float
     auto_warmup_decay: float
+    auto_max_step: float = 0.0
 
 
 @dataclass
@@ -219,13 +221,16 @@ def _auto_lipschitz(
         W_t = W_0\,\gamma^{t}, \quad W_0 = \frac{F_0}{\varepsilon\,(1 + \|x_0\|)}, \qquad
         M_t = \begin{cases} \max(M_{t-1}, n_t) & n_t > W_t \\ M_{t-1} & \text{otherwise}
               \end{cases}, \qquad
-        \hat L_t = \max(M_t, W_t)
+        C_t = \frac{F_t}{\kappa\,(1 + \|x_0\|)}, \qquad
+        \hat L_t = \max(M_t, W_t, C_t)
 
-    with :math:`n_t` this step's eps-free gradient norm, :math:`\varepsilon` = ``auto_warmup``
-    and :math:`\gamma` = ``auto_warmup_decay``; skipped steps change nothing. An observation
-    enters the running max only once the warm-up floor no longer decides the step: the slopes of
-    the initial transient, which the floor already guards against, do not bound L for the rest of
-    training (docs/lipschitz.md).
+    with :math:`n_t` this step's eps-free gradient norm, :math:`\varepsilon` = ``auto_warmup``,
+    :math:`\gamma` = ``auto_warmup_decay`` and :math:`\kappa` = ``auto_max_step``; skipped
+    steps change nothing. An observation enters the running max only once the warm-up floor no
+    longer decides the step: the slopes of the initial transient, which the floor already guards
+    against, do not bound L for the rest of training. :math:`C_t` caps the step length,
+    :math:`\eta_t \le \kappa (1 + \|x_0\|)`: a slope observed at :math:`x_t` is trusted over a
+    ball at most that large (docs/lipschitz.md).
     """
     started = new["step"] > 1.0  # "step" already counts this step when ok
     floor = old["lipschitz_floor"]
@@ -238,6 +243,9 @@ def _auto_lipschitz(
     new["grad_norm_max"] = m.where(decides, m.maximum(old["grad_norm_max"], slope),
                                    old["grad_norm_max"])
     estimate = m.maximum(new["grad_norm_max"], new["lipschitz_floor"])
+    if cfg.auto_max_step > 0.0:
+        cap = m.div(objective, cfg.auto_max_step * (1.0 + old["param_norm_init"]))
+        estimate = m.maximum(estimate, cap)
     new["lipschitz_estimate"] = m.where(ok, estimate, old["lipschitz_estimate"])
 
 

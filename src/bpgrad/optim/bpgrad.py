@@ -58,7 +58,7 @@ MomentumStyle = Literal["matconvnet", "port"]
 # shape (the objective value, its running min, the gradient norm) are global, not per group.
 _GLOBAL_OPTIONS = (
     "objective", "loss_lower_bound", "distributed_loss", "eps", "strict", "auto_warmup",
-    "auto_warmup_decay", "maximize", "shard_group",
+    "auto_warmup_decay", "auto_max_step", "maximize", "shard_group",
 )
 
 # Keys of the optimizer-wide state, kept in the state of the first parameter so that one
@@ -152,6 +152,9 @@ class BPGrad(Optimizer):
             :math:`\rho\, m_t` are those of :math:`-J`. Optimizer-wide.
         auto_warmup: :math:`\varepsilon \ge 0` of the ``"auto"`` warm-up floor (0 disables it).
         auto_warmup_decay: :math:`\gamma \in [0, 1)`, per-step decay of the warm-up floor.
+        auto_max_step: :math:`\kappa \ge 0`, the ``"auto"`` step-length cap: the estimate is at
+            least :math:`F_t / (\kappa (1 + \|x_0\|))`, so that
+            :math:`\eta_t \le \kappa (1 + \|x_0\|)` (0 disables it).
         strict: check every step on the host and raise :class:`BPGradError` for a non-finite or
             negative loss, a non-finite gradient or a zero gradient norm. Costs one host sync per
             step; by default such steps are skipped on the device and counted instead.
@@ -210,6 +213,7 @@ class BPGrad(Optimizer):
         strict: bool = False,
         auto_warmup: float = 1e-3,
         auto_warmup_decay: float = 0.95,
+        auto_max_step: float = 1e-2,
     ) -> None:
         defaults = dict(
             lipschitz=lipschitz, rho=rho, momentum=momentum, weight_decay=weight_decay, lr=lr,
@@ -217,7 +221,7 @@ class BPGrad(Optimizer):
             objective=objective, loss_lower_bound=loss_lower_bound,
             distributed_loss=distributed_loss, shard_group=shard_group, eps=eps, strict=strict,
             auto_warmup=auto_warmup,
-            auto_warmup_decay=auto_warmup_decay,
+            auto_warmup_decay=auto_warmup_decay, auto_max_step=auto_max_step,
         )
         defaults.update(_validate_group(defaults))
         if shard_group is None:
@@ -525,7 +529,8 @@ class BPGrad(Optimizer):
             epoch_mean=first["objective"] == "epoch_mean",
             auto=any(isinstance(g["lipschitz"], str) for g in self.param_groups),
             auto_warmup=float(first["auto_warmup"]),
-            auto_warmup_decay=float(first["auto_warmup_decay"]))
+            auto_warmup_decay=float(first["auto_warmup_decay"]),
+            auto_max_step=float(first["auto_max_step"]))
         if self._host_path(like, loss, facts, grad_scale, found_inf):
             out = self._host_scalars(cfg, loss, all_grads, gstate, grad_scale, found_inf)
         else:
@@ -833,12 +838,13 @@ _NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "loss_lower_bound": (lambda v: -math.inf < v < math.inf, "a finite number"),
     "auto_warmup": (lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
     "auto_warmup_decay": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "auto_max_step": (lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
 }
 _TENSOR_OPTIONS = ("lr", "lipschitz")
 _OPTION_KEYS = (
     "lipschitz", "rho", "momentum", "weight_decay", "lr", "momentum_style", "foreach", "fused",
     "maximize", "objective", "loss_lower_bound", "distributed_loss", "shard_group", "eps",
-    "strict", "auto_warmup", "auto_warmup_decay",
+    "strict", "auto_warmup", "auto_warmup_decay", "auto_max_step",
 )
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "objective": ("minibatch", "epoch_mean"),
