@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
         budget = Budget(args.epochs or BUDGET[problem_name])
         for seed in args.seeds:
             for opt in variants(args.edges):
+                if args.only and opt.label not in args.only:
+                    continue
                 outcome = run_trial(problem, opt, seed, budget, out=Path(args.out), splits=splits,
                                     options=RunOptions(quiet=True, threads=1, checkpoint=False))
                 final = outcome.summary.get("final", {})
@@ -274,6 +276,8 @@ def main() -> None:
     p_run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p_run.add_argument("--epochs", type=int, default=None,
                        help="override the problem's short budget (the long-budget study: its own --out)")
+    p_run.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                       help="run only these variants (folder labels, e.g. bpgrad_auto)")
     p_run.add_argument("--edges", action="store_true",
                        help="also run the grid points beyond the core grids' ends (EDGES)")
     p_rep = sub.add_parser("report")
