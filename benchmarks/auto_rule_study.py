@@ -37,6 +37,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +45,9 @@ import torch
 
 from bpgrad import BPGrad
 from bpgrad.bench.optimizers import OptimizerSpec, ResolvedOptimizer, resolve_optimizer
-from bpgrad.bench.problems import get_problem
-from bpgrad.bench.runner import Budget, RunOptions, run_trial
 
-BUDGET = {"mnist_lenet": 1, "fmnist_2c2d": 1, "teacher_student": 60, "segment_mlp": 20,
-          "fortunes_lstm": 1, "mnist_canvas_fcn": 3}
-#: (valid key, test key, higher is better)
-METRIC = {
-    "mnist_lenet": ("valid_accuracy", "test_accuracy", True),
-    "fmnist_2c2d": ("valid_accuracy", "test_accuracy", True),
-    "teacher_student": ("valid_loss", "valid_loss", False),
-    "segment_mlp": ("valid_accuracy", "test_accuracy", True),
-    "fortunes_lstm": ("valid_loss", "test_loss", False),
-    "mnist_canvas_fcn": ("valid_mean_iu", "test_mean_iu", True),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite_study import BUDGET, METRIC, run_trials
 
 
 class RuleBPGrad(BPGrad):
@@ -168,30 +158,22 @@ def candidate(label: str) -> ResolvedOptimizer:
 
 
 def run(args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    for problem_name in args.problems:
-        problem = get_problem(problem_name)
-        splits = problem.load(seed=0)
-        budget = Budget(args.epochs or BUDGET[problem_name])
-        for seed in args.seeds:
-            for rule in args.rules:
-                opt = resolve_optimizer("bpgrad_auto") if rule == "shipped" else candidate(rule)
-                outcome = run_trial(problem, opt, seed, budget, out=Path(args.out), splits=splits,
-                                    options=RunOptions(quiet=True, threads=1, checkpoint=False))
-                built = _BUILT.get(opt.name, [])
-                if built and not outcome.skipped:
-                    trace = Path(args.out) / problem_name / opt.label / f"trace_seed_{seed}.json"
-                    trace.write_text(json.dumps(built[-1].trace))
-                final = outcome.summary.get("final", {})
-                key = METRIC[problem_name][1]
-                print(f"{problem_name} {rule} seed {seed}: {outcome.status} {key}={final.get(key)}",
-                      flush=True)
+    def save_trace(problem: str, opt: ResolvedOptimizer, seed: int, outcome: Any) -> None:
+        built = _BUILT.get(opt.name, [])
+        if built and not outcome.skipped:
+            trace = Path(args.out) / problem / opt.label / f"trace_seed_{seed}.json"
+            trace.write_text(json.dumps(built[-1].trace))
+
+    optimizers = [resolve_optimizer("bpgrad_auto") if rule == "shipped" else candidate(rule)
+                  for rule in args.rules]
+    run_trials(args.problems, args.seeds, optimizers, out=Path(args.out), epochs=args.epochs,
+               after=save_trace)
 
 
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for problem_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        _, test, _ = METRIC[problem_dir.name]
+        test = METRIC[problem_dir.name].test
         print(f"\n{problem_dir.name} ({test})")
         for label_dir in sorted(problem_dir.iterdir()):
             vals, lips = [], []

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 
 from bpgrad.bench.optimizers import ResolvedOptimizer, resolve_optimizer
 from bpgrad.bench.problems import get_problem
-from bpgrad.bench.runner import Budget, RunOptions, run_trial
+from bpgrad.bench.runner import Budget, RunOptions, TrialOutcome, run_trial
 
 #: short budgets (epochs) sized for the shared 2-core CPU
 BUDGET = {"teacher_student": 60, "segment_mlp": 20, "fortunes_lstm": 1, "mnist_canvas_fcn": 3,
@@ -74,23 +75,33 @@ def variants(edges: bool = False) -> list[ResolvedOptimizer]:
     return out
 
 
-def run(args: argparse.Namespace) -> None:
+def run_trials(problems: list[str], seeds: list[int], optimizers: list[ResolvedOptimizer], *,
+               out: Path, epochs: int | None = None,
+               after: Callable[[str, ResolvedOptimizer, int, TrialOutcome], None] | None = None,
+               ) -> None:
+    """Every problem x seed x optimizer (seed-major, so an interrupted run leaves whole seeds),
+    one torch thread; finished trials are skipped. ``after`` sees each outcome."""
     torch.set_num_threads(1)
-    for problem_name in args.problems:
+    for problem_name in problems:
         problem = get_problem(problem_name)
         splits = problem.load(seed=0)
-        budget = Budget(args.epochs or BUDGET[problem_name])
-        for seed in args.seeds:
-            for opt in variants(args.edges):
-                if args.only and opt.label not in args.only:
-                    continue
-                outcome = run_trial(problem, opt, seed, budget, out=Path(args.out), splits=splits,
+        budget = Budget(epochs or BUDGET[problem_name])
+        metric = METRIC[problem_name]
+        for seed in seeds:
+            for opt in optimizers:
+                outcome = run_trial(problem, opt, seed, budget, out=out, splits=splits,
                                     options=RunOptions(quiet=True, threads=1, checkpoint=False))
+                if after is not None:
+                    after(problem_name, opt, seed, outcome)
                 final = outcome.summary.get("final", {})
-                metric = METRIC[problem_name]
                 print(f"{problem_name} {opt.label} seed {seed}: {outcome.status}"
                       f"{' (skipped)' if outcome.skipped else ''} "
                       f"{metric.test}={final.get(metric.test)}", flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    optimizers = [opt for opt in variants(args.edges) if not args.only or opt.label in args.only]
+    run_trials(args.problems, args.seeds, optimizers, out=Path(args.out), epochs=args.epochs)
 
 
 def _finals(out: Path, problem: str) -> dict[str, dict[int, dict[str, Any]]]:
