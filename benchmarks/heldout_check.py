@@ -74,6 +74,18 @@ SPAM_FEATURES = "v1"  # bump when the feature recipe below changes (it keys the 
 _TOKEN = re.compile(r"[a-z0-9]{2,30}")
 
 
+def stratified_splits(x: np.ndarray, y: np.ndarray, validation_size: int, seed: int) -> Splits:
+    """A fixed stratified test split (every 5th row of each class, in the data's order) and a
+    validation split carved from the rest with ``seed``."""
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        test[np.flatnonzero(y == c)[::5]] = True
+    train, valid = carve_validation(torch.from_numpy(x[~test]), torch.from_numpy(y[~test]),
+                                    validation_size, seed)
+    return Splits(train=train, valid=valid,
+                  test=Split(torch.from_numpy(x[test]), torch.from_numpy(y[test])))
+
+
 @register_problem
 class DigitsMLP(Problem):
     """scikit-learn's digits (1797 8x8 images, 10 classes), MLP 64-128-10."""
@@ -93,15 +105,8 @@ class DigitsMLP(Problem):
         data = load_digits()
         x = np.asarray(data.data, dtype=np.float32) / 16.0
         y = np.asarray(data.target, dtype=np.int64)
-        # a fixed stratified test split: every 5th image of each class
-        test = np.zeros(len(y), dtype=bool)
-        for c in range(10):
-            test[np.flatnonzero(y == c)[::5]] = True
-        train, valid = carve_validation(torch.from_numpy(x[~test]), torch.from_numpy(y[~test]),
-                                        self.validation_size if validation_size is None
-                                        else validation_size, seed)
-        return Splits(train=train, valid=valid,
-                      test=Split(torch.from_numpy(x[test]), torch.from_numpy(y[test])))
+        return stratified_splits(x, y, self.validation_size if validation_size is None
+                                 else validation_size, seed)
 
     def make_model(self, seed: int) -> nn.Module:
         with seeded(seed):
@@ -187,15 +192,8 @@ class SpamMLP(Problem):
         counts, y = spam_counts(resolve_data_dir(data_dir) / "heldout_spam")
         x = np.log1p(counts.astype(np.float32))
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        # a fixed stratified test split: every 5th email of each class (sorted file order)
-        test = np.zeros(len(y), dtype=bool)
-        for c in range(2):
-            test[np.flatnonzero(y == c)[::5]] = True
-        train, valid = carve_validation(torch.from_numpy(x[~test]), torch.from_numpy(y[~test]),
-                                        self.validation_size if validation_size is None
-                                        else validation_size, seed)
-        return Splits(train=train, valid=valid,
-                      test=Split(torch.from_numpy(x[test]), torch.from_numpy(y[test])))
+        return stratified_splits(x, y, self.validation_size if validation_size is None
+                                 else validation_size, seed)
 
     def make_model(self, seed: int) -> nn.Module:
         with seeded(seed):
