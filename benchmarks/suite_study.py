@@ -253,7 +253,8 @@ def plot(args: argparse.Namespace) -> None:
                 "grey" if "best grid" in shown else "tab:blue")
             if finite:
                 mean = statistics.fmean(finite)
-                xerr = [[mean - min(finite)], [max(finite) - mean]]
+                # (clamped: the mean of equal values can round a hair past them)
+                xerr = [[max(mean - min(finite), 0.0)], [max(max(finite) - mean, 0.0)]]
                 ax.errorbar(mean, y, xerr=xerr, fmt="o", color=color, capsize=3)
                 ax.plot(finite, [y] * len(finite), ".", color=color, alpha=0.4)
             if len(finite) < len(vals):
