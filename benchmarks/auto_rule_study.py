@@ -47,7 +47,7 @@ from bpgrad import BPGrad
 from bpgrad.bench.optimizers import OptimizerSpec, ResolvedOptimizer, resolve_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite_study import BUDGET, METRIC, run_trials
+from suite_study import BUDGET, METRIC, run_trials, trial_finals
 
 
 class RuleBPGrad(BPGrad):
@@ -172,27 +172,18 @@ def run(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    for problem_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        test = METRIC[problem_dir.name].test
-        print(f"\n{problem_dir.name} ({test})")
-        for label_dir in sorted(problem_dir.iterdir()):
-            vals, lips = [], []
-            for path in sorted(label_dir.glob("seed_*.jsonl")):
-                last = json.loads(path.read_text().splitlines()[-1])
-                if last.get("kind") != "summary":
-                    continue
-                v = last["final"].get(test) if last["status"] == "finished" else None
-                vals.append(v if v is not None and math.isfinite(v) else math.nan)
-                trace = label_dir / path.name.replace("seed_", "trace_seed_").replace(
-                    ".jsonl", ".json")
-                if trace.exists():
-                    tr = json.loads(trace.read_text())
-                    lips.append(tr[-1][1])
-            if vals:
-                mean = statistics.fmean(vals)
-                lip = f" L_end {statistics.fmean(lips):.3g}" if lips else ""
-                print(f"  {label_dir.name:24s} {mean:.4g} ({', '.join(f'{v:.4g}' for v in vals)})"
-                      f"{lip}")
+    for problem, metric in METRIC.items():
+        if not (out / problem).is_dir():
+            continue
+        print(f"\n{problem} ({metric.test})")
+        for label, per_seed in sorted(trial_finals(out, problem).items()):
+            vals = [final.get(metric.test, math.nan) if final["status"] == "finished" else math.nan
+                    for _, final in sorted(per_seed.items())]
+            lips = [json.loads(trace.read_text())[-1][1]
+                    for trace in sorted((out / problem / label).glob("trace_seed_*.json"))]
+            lip = f" L_end {statistics.fmean(lips):.3g}" if lips else ""
+            print(f"  {label:24s} {statistics.fmean(vals):.4g} "
+                  f"({', '.join(f'{v:.4g}' for v in vals)}){lip}")
 
 
 def main() -> None:

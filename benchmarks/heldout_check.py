@@ -34,7 +34,6 @@ The problems (defined here, not in ``bpgrad.bench.problems``, so that they stay 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import shutil
@@ -233,12 +232,9 @@ def report(args: argparse.Namespace) -> None:
     print("|---|---|---|")
     for cls, _ in PROBLEMS.values():
         for rule in PROTOTYPES:
-            vals = []
-            for path in sorted((Path(args.out) / cls.name / f"rule_{rule}").glob("seed_*.jsonl")):
-                last = json.loads(path.read_text().splitlines()[-1])
-                if last.get("kind") == "summary":
-                    v = last["final"].get("test_accuracy") if last["status"] == "finished" else None
-                    vals.append(math.nan if v is None else float(v))
+            per_seed = suite_study.trial_finals(Path(args.out), cls.name).get(f"rule_{rule}", {})
+            vals = [final.get("test_accuracy", math.nan) if final["status"] == "finished"
+                    else math.nan for _, final in sorted(per_seed.items())]
             if vals:
                 std = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 print(f"| {cls.name} | rule_{rule} | {statistics.fmean(vals):.4g} ± {std:.2g} "

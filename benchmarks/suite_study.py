@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     run_trials(args.problems, args.seeds, optimizers, out=Path(args.out), epochs=args.epochs)
 
 
-def _finals(out: Path, problem: str) -> dict[str, dict[int, dict[str, Any]]]:
+def trial_finals(out: Path, problem: str) -> dict[str, dict[int, dict[str, Any]]]:
     """label -> seed -> (final metrics + status) of every finished trial file."""
     found: dict[str, dict[int, dict[str, Any]]] = {}
     for path in sorted((out / problem).glob("*/seed_*.jsonl")):
@@ -152,7 +152,7 @@ class ProblemSummary:
 
 def summarize(out: Path, problem: str) -> ProblemSummary | None:
     """Aggregate ``out/<problem>``: the grid point chosen on validation and every LR-free row."""
-    finals = _finals(out, problem)
+    finals = trial_finals(out, problem)
     if not finals:
         return None
     m = METRIC[problem]
