@@ -72,10 +72,15 @@ class RuleBPGrad(BPGrad):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(grads)))
 
+    def _param_norm(self) -> float:
+        params = [p.detach() for g in self.param_groups for p in g["params"]]
+        return math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(params)))
+
     def step(self, closure: Any = None, *, loss: Any = None) -> Any:  # type: ignore[override]
         n, f = self._norm(), float(loss)
         if not (math.isfinite(n) and math.isfinite(f) and n > 0):
             return super().step(loss=loss)
+        x_norm = self._param_norm()  # before this step's update: ||x_0|| at t = 0
         rule = self.rule
         # smoothed objective (bias-corrected EMA, factor 0.9) and whether it made progress
         self.loss_ema = 0.9 * self.loss_ema + 0.1 * f
@@ -84,14 +89,12 @@ class RuleBPGrad(BPGrad):
         self.loss_best = min(self.loss_best, smoothed)
         self.running_min = min(self.running_min, f)
         if self.t == 0:
-            x0 = math.sqrt(sum(float(p.detach().norm()) ** 2
-                               for g in self.param_groups for p in g["params"]))
-            self.x0 = x0
-            self.floor = f / (self.warmup * (1.0 + x0))
+            self.x0 = x_norm
+            self.floor = f / (self.warmup * (1.0 + x_norm))
         elif not rule.startswith("prog") or progress:
             self.floor *= self.decay
         self.t += 1
-        # cap<k>: a step-length cap eta_t <= k (1 + ||x_0||), i.e. L >= (F - rho m) / (k (1 + ||x_0||))
+        # cap<k>: the step-length cap eta_t <= k (1 + ||x_0||): L >= (F - rho m) / (k (1 + ||x_0||))
         cap = 0.0
         if m := re.fullmatch(r"capw?([\d.e-]+)", rule):
             rho = self.param_groups[0]["rho"]
@@ -126,8 +129,6 @@ class RuleBPGrad(BPGrad):
             lip = max(self.floor, self.peak)
         for group in self.param_groups:
             group["lipschitz"] = lip
-        x_norm = math.sqrt(sum(float(p.detach().norm()) ** 2
-                               for g in self.param_groups for p in g["params"]))
         self.trace.append((n, lip, f, x_norm))
         return super().step(loss=loss)
 
@@ -137,8 +138,9 @@ _BUILT: dict[str, list[RuleBPGrad]] = {}
 
 def candidate(label: str) -> ResolvedOptimizer:
     base = resolve_optimizer("bpgrad_auto")
+    # the shipped rule's own options do not apply: the prototype sets a fixed L every step
     hyper = {k: v for k, v in base.hyperparameters.items()
-             if k not in ("lipschitz", "auto_warmup", "auto_warmup_decay")}
+             if k != "lipschitz" and not k.startswith("auto_")}
     rule, _, wd = label.partition("/wd")
     if wd:
         hyper["weight_decay"] = float(wd)

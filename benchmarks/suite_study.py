@@ -1,12 +1,14 @@
 """Issue 12's short study on the wider suite: every new problem x {BPGrad auto at its defaults,
 BPGrad fixed-L grid, Adam and SGD learning-rate grids, every learning-rate-free peer at its
-defaults}, a short budget per problem. Resumable (finished trials are skipped, unfinished ones
-resume from their checkpoint); loops seed-major so that an interrupted run leaves whole seeds.
+defaults}, a short budget per problem. Resumable: finished trials are skipped, an unfinished one
+starts again (the trials are short and write no checkpoint); loops seed-major so that an
+interrupted run leaves whole seeds.
 
     nice -n 10 .venv/bin/python benchmarks/suite_study.py run --out runs/suite \\
         --problems teacher_student segment_mlp --seeds 0 1 2
     .venv/bin/python benchmarks/suite_study.py report --out runs/suite
-    .venv/bin/python benchmarks/suite_study.py plot --out runs/suite --image docs/img/suite_study.png
+    .venv/bin/python benchmarks/suite_study.py plot --out runs/suite \\
+        --image docs/img/suite_study.png
 
 ``report`` prints markdown: per problem the metric of record (mean ± std over the seeds found),
 the grid point of Adam / SGD / fixed-L BPGrad chosen on the validation split, and the average rank
@@ -230,9 +232,9 @@ def report(args: argparse.Namespace) -> None:
 
 def plot(args: argparse.Namespace) -> None:
     """One panel per problem: every row's test metric, the mean over the seeds with a bar over the
-    seeds' range (a range, not ± std, so that it stays positive on the log axis of the known-optimum
-    problem) and each seed as a dot; BPGrad auto in red, the grid winners in grey. Diverged seeds
-    are listed, not drawn."""
+    seeds' range (a range, not ± std, so that it stays positive on the log axis of the
+    known-optimum problem) and each seed as a dot; BPGrad auto in red, the grid winners in grey.
+    Diverged seeds are listed, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +289,8 @@ def main() -> None:
     p_run.add_argument("--problems", nargs="+", default=list(BUDGET), choices=list(BUDGET))
     p_run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p_run.add_argument("--epochs", type=int, default=None,
-                       help="override the problem's short budget (the long-budget study: its own --out)")
+                       help="override the problem's short budget (for the long-budget study; "
+                       "give it its own --out)")
     p_run.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                        help="run only these variants (folder labels, e.g. bpgrad_auto)")
     p_run.add_argument("--edges", action="store_true",

@@ -208,8 +208,9 @@ def bpgrad(
 
     With ``optax.inject_hyperparams`` every numeric option may be changed through the state;
     ``auto_warmup`` and ``auto_max_step`` with ``lipschitz="auto"`` shape the rule's control
-    flow and must be named in ``static_args``. Under ``optax.MultiSteps`` the value passed with the k-th micro-batch is
-    the one used: pass the mean loss of the accumulated micro-batches there.
+    flow and must be named in ``static_args``. Under ``optax.MultiSteps`` the value passed with
+    the k-th micro-batch is the one used: pass the mean loss of the accumulated micro-batches
+    there.
 
     .. warning::
         The step size is :math:`(F_t - \rho m_t)/L`, not a learning rate: an :math:`L` far below

@@ -28,8 +28,8 @@ The rule, with :math:`S` the AMP gradient scale, :math:`f` the loss minus its lo
            C = F / (kappa (1 + ||x_0||)); L = max(M, W, C)   (when ok)
 
 with :math:`W_0 = F_0 / (\varepsilon_w (1 + \|x_0\|))` and :math:`\kappa` = ``auto_max_step``
-(docs/lipschitz.md). A skipped step
-(``ok`` false) changes nothing but the ``skipped_steps`` counter.
+(docs/lipschitz.md). A skipped step (``ok`` false) changes nothing but the ``skipped_steps``
+counter.
 """
 
 from __future__ import annotations
