@@ -42,7 +42,7 @@ from globalopt_problems import Problem
 CACHE = common.ROOT / "runs" / "bbob" / "cache"
 # The solvers run on BBOB: the est.-L bpgrad is the one with documented defaults; a "known L" from
 # gradients over the box is meaningless for the discontinuous and badly scaled BBOB functions.
-DEFAULT_SOLVERS = [s for s in common.SOLVERS if s != "bpgrad (known L)"]
+DEFAULT_SOLVERS = [s for s in common.DEFAULT_SOLVERS if s != "bpgrad (known L)"]
 GROUPS = {  # COCO's function groups
     "separable": range(1, 6),
     "low/moderate cond.": range(6, 10),

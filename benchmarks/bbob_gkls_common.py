@@ -117,6 +117,13 @@ SOLVERS: dict[str, Solver] = {
     "nlopt DIRECT-L": Solver(_go("nlopt DIRECT-L"), "nlopt"),
     "dlib find_min_global": Solver(_go("dlib find_min_global"), "dlib"),
 }
+# Other settings of bpgrad, for studies of its defaults; not in the suites' default solver lists.
+VARIANTS: dict[str, Solver] = {
+    f"bpgrad (strategy={s})": Solver(run_bpgrad, kwargs={"L": None, "grad": False, "strategy": s})
+    for s in ("hull", "bound", "balanced")
+}
+DEFAULT_SOLVERS = list(SOLVERS)
+SOLVERS.update(VARIANTS)
 
 
 def available(names: Iterable[str]) -> list[str]:

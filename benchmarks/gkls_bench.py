@@ -61,7 +61,7 @@ CLASSES: dict[tuple[str, int], tuple[float, float]] = {
     ("simple", 5): (0.66, 0.30),
     ("hard", 5): (0.66, 0.20),
 }
-DEFAULT_SOLVERS = list(common.SOLVERS)
+DEFAULT_SOLVERS = common.DEFAULT_SOLVERS
 
 
 def class_key(difficulty: str, d: int, k: int) -> str:
@@ -217,6 +217,8 @@ def main() -> int:
     ap.add_argument("--dims", nargs="*", type=int, default=[2, 3, 4, 5])
     ap.add_argument("--classes", nargs="*", default=["simple", "hard"])
     ap.add_argument("--functions", type=int, default=100, help="functions 1..N of each class")
+    ap.add_argument("--first-function", type=int, default=1,
+                    help="start at this function (e.g. 21 with --functions 40: functions 21..40)")
     ap.add_argument("--budgets", nargs="*", type=int, default=[100, 1000],
                     help="budgets as multiples of d (the largest is the run length)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0],
@@ -236,7 +238,7 @@ def main() -> int:
     probs = [
         (class_key(diff, d, k), {"difficulty": diff, "d": d, "k": k})
         # function-major order: an interrupted run holds functions 1..k of every class
-        for k in range(1, a.functions + 1) for d in a.dims for diff in a.classes
+        for k in range(a.first_function, a.functions + 1) for d in a.dims for diff in a.classes
     ]
     if not a.no_run:
         solvers = common.available(a.solvers)

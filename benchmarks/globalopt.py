@@ -138,12 +138,16 @@ def lipschitz_estimate(prob: Problem, lb: np.ndarray, ub: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- solvers
-def run_bpgrad(c: Counted, seed: int, *, L: float | None, grad: bool) -> None:
+def run_bpgrad(
+    c: Counted, seed: int, *, L: float | None, grad: bool, **options: Any
+) -> None:
+    """``bpgrad.minimize`` at its defaults; ``options`` (e.g. ``strategy``) only for studies."""
     from bpgrad.globalopt import minimize
 
     bounds = list(zip(c.lb, c.ub, strict=True))
     minimize(
-        c.f, bounds, jac=c.grad if grad else None, lipschitz=L, maxfev=10**9, tol=1e-12, seed=seed
+        c.f, bounds, jac=c.grad if grad else None, lipschitz=L, maxfev=10**9, tol=1e-12,
+        seed=seed, **options,
     )
 
 
@@ -216,6 +220,12 @@ SOLVERS: dict[str, tuple[Callable[..., None], tuple[int, ...], str | None, dict[
     "nlopt DIRECT-L": (_nlopt("GN_DIRECT_L"), (0,), "nlopt", {}),
     "nlopt CRS2": (_nlopt("GN_CRS2_LM"), SEEDS, "nlopt", {}),
 }
+DEFAULT_SOLVERS = list(SOLVERS)
+# Other settings of bpgrad, for studies of its defaults (not run unless named with --solvers).
+SOLVERS.update({
+    f"bpgrad (est. L, strategy={s})": (run_bpgrad, (0,), None, {"L": None, "grad": False, "strategy": s})
+    for s in ("hull", "bound", "balanced")
+})  # fmt: skip
 
 
 def _box_tag(box: int) -> str:
@@ -416,7 +426,7 @@ def plot_profile(recs: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--solvers", nargs="*", default=list(SOLVERS))
+    ap.add_argument("--solvers", nargs="*", default=DEFAULT_SOLVERS)
     ap.add_argument("--problems", nargs="*", default=None)
     ap.add_argument("--no-run", action="store_true", help="only summarise the cache")
     ap.add_argument("--boxes", type=int, default=3,

@@ -149,6 +149,8 @@ CASES: dict[str, dict[str, Any]] = {
                                     "lipschitz": 60.0, "polish": False, "maxfev": 300},
     "hartmann3 bound strategy": {"func": hartmann3, "bounds": [(0.0, 1.0)] * 3,
                                  "strategy": "bound", "maxfev": 250},
+    "hartmann3 hull strategy": {"func": hartmann3, "bounds": [(0.0, 1.0)] * 3,
+                                "strategy": "hull", "maxfev": 250},
     "problem02 f_lower": {"func": lambda x: problem02(x) + 2, "bounds": [(2.7, 7.5)],
                           "lipschitz": 13 / 3, "f_lower": 0.0, "rho": 0.5, "maxfev": 200},
     "NaN region, branch steps": {
@@ -233,3 +235,22 @@ def test_func_must_return_a_real_number(value: Any, shown: str) -> None:
 def test_func_may_return_ints_numpy_scalars_and_one_element_arrays() -> None:
     for out in (lambda x: 3, lambda x: np.float32(x[0] ** 2), lambda x: np.array([x[0] ** 2])):
         assert math.isfinite(minimize(out, [(-1.0, 2.0)], maxfev=20).fun)
+
+
+def test_default_strategy_finds_a_narrow_well_away_from_a_broad_bowl() -> None:
+    """The default search must not stay in the basin it found first: a paraboloid over
+    [-1, 1]^3 (minimum 0 at the origin) with a Gaussian well of width 0.1 and value -1 at a
+    random point. DIRECT's hull alone finds the well in 9 of these 20 cases within 1500
+    evaluations; the default (balanced) found it in 18 when this test was written."""
+    rng = np.random.default_rng(0)
+    found = 0
+    for _ in range(20):
+        c = rng.uniform(-0.9, 0.9, 3)
+        depth = 1.0 + float(c @ c)
+
+        def f(x: np.ndarray, c: np.ndarray = c, depth: float = depth) -> float:
+            return float(x @ x - depth * math.exp(-float((x - c) @ (x - c)) / 0.02))
+
+        res = minimize(f, [(-1.0, 1.0)] * 3, maxfev=1500, tol=1e-12)
+        found += res.fun < -0.5
+    assert found >= 16

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bpgrad.globalopt._bounds import parse_bounds
-from bpgrad.globalopt._reference import Event
+from bpgrad.globalopt._reference import Event, Strategy
 from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult, Status
 
 __all__ = ["KIND_NAMES", "minimize"]
@@ -123,7 +123,7 @@ def minimize(
     branch: bool | None = None,
     branch_steps: int = 4,
     lipschitz_safety: float = 2.0,
-    strategy: str = "hull",
+    strategy: str = "balanced",
     callback: Callable[[OptimizeResult], Any] | None = None,
     seed: int | np.random.Generator | None = None,
 ) -> OptimizeResult:
@@ -138,9 +138,9 @@ def minimize(
     (:math:`f_b` the best value: BPGrad's :math:`\rho f_b` when ``f_lower=0``, :math:`f_b -
     \mathrm{tol}` without ``f_lower``). The box is kept as cells (a cell's longest side, relative
     to the box, is trisected); a cell's bound :math:`\max_i f_i - L\,\mathrm{far}(x_i,
-    \text{cell})`, far the distance to its farthest corner, is a lower bound of f on it. DIRECT's
-    potentially optimal cells (or the cell of lowest bound, see ``strategy``) are divided and
-    the new centres are evaluated only outside every ball, so those samples are tol/L apart
+    \text{cell})`, far the distance to its farthest corner, is a lower bound of f on it. By
+    default the search alternates DIRECT's potentially optimal cells with as many divisions of
+    the cell of lowest bound (see ``strategy``); the new centres are evaluated only outside every ball, so those samples are tol/L apart
     and finitely many; a cell whose bound exceeds :math:`\hat f^*` is pruned. With a gradient,
     BPGrad's branch step :math:`x_{t+1} = \Pi_X(x_t - r_t g_t/\|g_t\|)` follows a new sample up
     to ``branch_steps`` times; a projected BFGS polish (Armijo backtracking, at most
@@ -185,8 +185,10 @@ def minimize(
         branch: take BPGrad branch steps; default True when ``jac`` is given.
         branch_steps: longest chain of branch steps from one re-sampled point.
         lipschitz_safety: the factor s of the L estimate (>= 1).
-        strategy: ``"hull"`` divides DIRECT's potentially optimal cells, ``"bound"`` the cell
-            of lowest bound.
+        strategy: ``"balanced"`` divides the cells of one convex hull, then the cell of lowest
+            bound as many times as that hull had cells, and again; ``"hull"`` only the hull
+            cells (DIRECT's potentially optimal ones, local as well as global), ``"bound"``
+            only the cell of lowest bound (best-first, the most global).
         callback: ``callback(intermediate_result)`` after every iteration, with ``x, fun,
             nfev, njev, nit, lower_bound, lipschitz``; returning ``True`` or raising
             ``StopIteration`` ends the run with status 4. It gets a copy: changing it has no
@@ -242,8 +244,8 @@ def minimize(
     lipschitz_safety = float(lipschitz_safety)
     if not (math.isfinite(lipschitz_safety) and lipschitz_safety >= 1):
         raise ValueError(f"lipschitz_safety must be a finite number >= 1, got {lipschitz_safety}.")
-    if strategy not in ("hull", "bound"):
-        raise ValueError(f"strategy must be 'hull' or 'bound', got {strategy!r}.")
+    if strategy not in ("balanced", "hull", "bound"):
+        raise ValueError(f"strategy must be 'balanced', 'hull' or 'bound', got {strategy!r}.")
     if callback is not None:
         _check_callable("callback", callback)
     if seed is None:
@@ -254,7 +256,8 @@ def minimize(
         seed = int(np.random.default_rng(seed).integers(2**63))
     search = search_factory()(
         lb, ub, lipschitz=lipschitz, rho=rho, f_lower=None if f_lower is None else float(f_lower),
-        tol=tol, maxiter=maxiter, hull=strategy == "hull", seed=seed, safety=lipschitz_safety,
+        tol=tol, maxiter=maxiter, strategy=int(Strategy[strategy.upper()]), seed=seed,
+        safety=lipschitz_safety,
     )  # fmt: skip
     run = _Run(
         search, func=func, args=args, jac=jac, lb=lb, ub=ub, known_L=lipschitz, maxfev=maxfev,

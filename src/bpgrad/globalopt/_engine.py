@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bpgrad.globalopt._reference import MIN_REL_SIZE, MIN_SIDE_RATIO, Event
+from bpgrad.globalopt._reference import MIN_REL_SIZE, MIN_SIDE_RATIO, Event, Strategy
 from bpgrad.globalopt._result import Status
 from bpgrad.globalopt._state import (
     _K,
@@ -44,6 +44,7 @@ __all__ = ["CompiledSearch"]
 
 _EVAL, _DONE, _BRANCH, _STOP = map(int, Event)  # plain ints in compiled code
 _GAP, _COVERED, _MAXITER = int(Status.GAP), int(Status.COVERED), int(Status.MAXITER)
+_BOUND, _BALANCED = int(Strategy.BOUND), int(Strategy.BALANCED)
 
 
 # ---- cells ----
@@ -202,9 +203,12 @@ def _hull_cells(st: Any) -> None:
     """``ReferenceSearch._hull_cells`` onto ``pending`` (the first to divide last)."""
     maxd = st.maxdepth
     best = np.full(maxd + 1, -1)  # per depth, the live cell of lowest centre value
-    for c in range(st.nc):
+    # Every live cell is in the heap once with its current bound (the other entries are stale):
+    # scanning the heap, not all cells, keeps this O(live) when most cells are pruned.
+    for q in range(st.hn):
+        c = st.hc[q]
         i = st.centre[c]
-        if st.state[c] != _LEAF or i < 0 or not math.isfinite(st.F[i]):
+        if st.bound[c] != st.hb[q] or st.state[c] != _LEAF or i < 0 or not math.isfinite(st.F[i]):
             continue
         j = best[st.depth[c]]
         if j < 0 or (st.value[c], st.key[c], c) < (st.value[j], st.key[j], j):
@@ -384,14 +388,22 @@ def _iterate(st: Any, queued: bool, nit: int) -> int:
     if ci < 0 or st.bound[ci] > fh:
         st.status = _GAP if st.f_best - lower <= st.tol else _COVERED
         return _STOP
-    if st.hull:
+    if st.strategy != _BOUND:
         while st.npend > 0 and st.state[st.pending[st.npend - 1]] != _LEAF:
             st.npend -= 1
-        if st.npend == 0:
-            _hull_cells(st)
-        if st.npend > 0:
-            st.npend -= 1
-            ci = st.pending[st.npend]
+        if st.npend == 0 and st.bound_turns > 0:
+            st.bound_turns -= 1  # balanced: ci stays the cell of lowest bound
+        else:
+            # no sample since the hull was last found empty: it still is (a cell gets an
+            # evaluated centre, or comes back when L grows, only after a new sample)
+            if st.npend == 0 and st.hull_empty_at != st.n:
+                _hull_cells(st)
+                st.hull_empty_at = st.n if st.npend == 0 else -1
+                if st.strategy == _BALANCED:
+                    st.bound_turns = st.npend
+            if st.npend > 0:
+                st.npend -= 1
+                ci = st.pending[st.npend]
     if st.bound[ci] > fh:
         st.state[ci] = _PRUNED
         st.pruned_min = min(st.pruned_min, st.bound[ci])
@@ -424,12 +436,12 @@ class CompiledSearch:
 
     def __init__(
         self, lb: Any, ub: Any, *, lipschitz: float | None, rho: float, f_lower: float | None,
-        tol: float, maxiter: int, hull: bool, seed: int, safety: float,
+        tol: float, maxiter: int, strategy: int, seed: int, safety: float,
     ) -> None:  # fmt: skip
         self.st = _new_state(
             np.ascontiguousarray(lb, dtype=np.float64), np.ascontiguousarray(ub, dtype=np.float64),
             lipschitz is not None, 1.0 if lipschitz is None else lipschitz, rho,
-            math.nan if f_lower is None else f_lower, tol, maxiter, hull, np.uint64(seed), safety,
+            math.nan if f_lower is None else f_lower, tol, maxiter, strategy, np.uint64(seed), safety,
         )  # fmt: skip
         self._nog = np.zeros(lb.size)
 

@@ -22,7 +22,7 @@ from bpgrad.globalopt._result import Status
 FloatArray = NDArray[np.float64]
 
 __all__ = ["K_TERMS", "L_GRID", "MIN_REL_SIZE", "MIN_SIDE_RATIO", "SLOPE_RTOL", "CellState", "Event",
-           "ReferenceSearch", "cell_key"]  # fmt: skip
+           "ReferenceSearch", "Strategy", "cell_key"]  # fmt: skip
 
 K_TERMS = 4  # samples kept per cell, to recompute its bound cheaply when L changes
 L_GRID = 1.1  # an estimated L is rounded up to a power of this, so the bounds rarely change
@@ -44,6 +44,14 @@ class Event(IntEnum):
     DONE = 1
     BRANCH = 2
     STOP = 3
+
+
+class Strategy(IntEnum):
+    """Which live cell an iteration divides (``minimize``'s ``strategy``)."""
+
+    BOUND = 0  # the cell of lowest bound
+    HULL = 1  # DIRECT's potentially optimal cells, one hull after another
+    BALANCED = 2  # a hull, then as many cells of lowest bound as the hull had cells
 
 
 class CellState(IntEnum):
@@ -91,7 +99,7 @@ class ReferenceSearch:
 
     def __init__(
         self, lb: FloatArray, ub: FloatArray, *, lipschitz: float | None, rho: float,
-        f_lower: float | None, tol: float, maxiter: int, hull: bool, seed: int, safety: float,
+        f_lower: float | None, tol: float, maxiter: int, strategy: int, seed: int, safety: float,
     ) -> None:  # fmt: skip
         self.lb, self.ub, self.width = lb, ub, ub - lb
         self.d = lb.size
@@ -100,7 +108,7 @@ class ReferenceSearch:
         self.L = lipschitz if lipschitz is not None else 1.0
         self.L_dirty = False
         self.rho, self.f_lower, self.tol = rho, f_lower, tol
-        self.maxiter, self.hull, self.seed, self.safety = maxiter, hull, seed, safety
+        self.maxiter, self.strategy, self.seed, self.safety = maxiter, strategy, seed, safety
         self.X = np.empty((0, self.d))
         self.F = np.empty(0)
         self.best, self.f_best, self.nonfinite = -1, math.inf, 0
@@ -109,6 +117,7 @@ class ReferenceSearch:
         self.cells: list[_Cell] = []
         self.pruned_min = math.inf  # smallest bound among pruned and retired cells
         self.pending: list[int] = []  # hull cells still to divide, the next one last
+        self.bound_turns = 0  # balanced: lowest-bound divisions still owed after the last hull
         self.status = -1
         self._todo: list[FloatArray] = []
         self._div: tuple[int, int, list[int]] | None = None  # the division asking
@@ -345,13 +354,18 @@ class ReferenceSearch:
         ci = self._lowest()
         if ci < 0 or self.cells[ci].bound > fh:
             return self._stop(Status.GAP if self.f_best - lower <= self.tol else Status.COVERED)
-        if self.hull:
+        if self.strategy != Strategy.BOUND:
             while self.pending and self.cells[self.pending[-1]].state != CellState.LEAF:
                 self.pending.pop()
-            if not self.pending:
-                self.pending = self._hull_cells()[::-1]
-            if self.pending:
-                ci = self.pending.pop()
+            if not self.pending and self.bound_turns > 0:
+                self.bound_turns -= 1  # balanced: ci stays the cell of lowest bound
+            else:
+                if not self.pending:
+                    self.pending = self._hull_cells()[::-1]
+                    if self.strategy == Strategy.BALANCED:
+                        self.bound_turns = len(self.pending)
+                if self.pending:
+                    ci = self.pending.pop()
         c = self.cells[ci]
         if c.bound > fh:
             c.state = CellState.PRUNED

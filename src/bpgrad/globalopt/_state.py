@@ -50,7 +50,7 @@ _FIELDS = [
     ("lb", _f1), ("ub", _f1), ("width", _f1), ("diag", types.float64),
     ("known", types.boolean), ("L", types.float64), ("L_dirty", types.boolean),
     ("rho", types.float64), ("f_lower", types.float64), ("tol", types.float64),
-    ("maxiter", types.int64), ("hull", types.boolean), ("seed", types.uint64),
+    ("maxiter", types.int64), ("strategy", types.int64), ("seed", types.uint64),
     ("safety", types.float64),
     # samples; nxt links the samples listed at one cell (head)
     ("X", _f2), ("F", _f1), ("n", types.int64), ("best", types.int64),
@@ -67,7 +67,8 @@ _FIELDS = [
     ("maxdepth", types.int64),  # the deepest cell's depth
     # lazy heap of live cells by (bound, key, cell); hull cells still to divide
     ("hb", _f1), ("hk", _f1), ("hc", _i1), ("hn", types.int64),
-    ("pending", _i1), ("npend", types.int64),
+    ("pending", _i1), ("npend", types.int64), ("bound_turns", types.int64),
+    ("hull_empty_at", types.int64),  # the sample count when the hull was last found empty
     # the division waiting for its evaluations
     ("todo", _f2), ("ntodo", types.int64), ("div_cell", types.int64), ("div_k0", types.int64),
     ("slots", _i1), ("status", types.int64),
@@ -373,7 +374,7 @@ def _bound_from_all(st: Any, c: int, parent: int) -> None:
 @jit
 def _new_state(
     lb: Any, ub: Any, known: bool, L: float, rho: float, f_lower: float, tol: float,
-    maxiter: int, hull: bool, seed: Any, safety: float,
+    maxiter: int, strategy: int, seed: Any, safety: float,
 ) -> Any:  # fmt: skip
     st: Any = structref.new(_STATE)  # type: ignore[call-arg]
     d, cap = lb.shape[0], 256
@@ -385,7 +386,7 @@ def _new_state(
     st.diag = math.sqrt(s)
     st.known, st.L, st.L_dirty = known, L, False
     st.rho, st.f_lower, st.tol, st.maxiter = rho, f_lower, tol, maxiter
-    st.hull, st.seed, st.safety = hull, seed, safety
+    st.strategy, st.seed, st.safety = strategy, seed, safety
     st.X, st.F = np.zeros((cap, d)), np.zeros(cap)
     st.n, st.best, st.f_best, st.nonfinite, st.f_abs = 0, -1, math.inf, 0, 0.0
     st.slope_max, st.robust_slope = 0.0, 0.0
@@ -401,7 +402,8 @@ def _new_state(
     st.child, st.sdim, st.depth = np.full(cap, -1), np.full(cap, -1), np.full(cap, 0)
     st.nc, st.pruned_min = 0, math.inf
     st.hb, st.hk, st.hc, st.hn = np.zeros(cap), np.zeros(cap), np.zeros(cap, np.int64), 0
-    st.pending, st.npend = np.zeros(64, np.int64), 0
+    st.pending, st.npend, st.bound_turns = np.zeros(64, np.int64), 0, 0
+    st.hull_empty_at = -1
     st.todo, st.ntodo, st.div_cell, st.div_k0 = np.zeros((2, d)), 0, -1, -1
     st.slots, st.status = np.zeros(2, np.int64), -1
     return st
