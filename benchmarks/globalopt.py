@@ -141,12 +141,16 @@ def lipschitz_estimate(prob: Problem, lb: np.ndarray, ub: np.ndarray) -> float:
 def run_bpgrad(
     c: Counted, seed: int, *, L: float | None, grad: bool, **options: Any
 ) -> None:
-    """``bpgrad.minimize`` at its defaults; ``options`` (e.g. ``strategy``) only for studies."""
+    """``bpgrad.minimize`` at its defaults; ``options`` (e.g. ``strategy``) only for studies.
+
+    ``maxfev`` is the budget, as a user would pass it, so the default ``maxiter`` (100·maxfev)
+    bounds the work between evaluations as it does for them; the wrapper still counts a
+    gradient as d evaluations and stops the run at the budget."""
     from bpgrad.globalopt import minimize
 
     bounds = list(zip(c.lb, c.ub, strict=True))
     minimize(
-        c.f, bounds, jac=c.grad if grad else None, lipschitz=L, maxfev=10**9, tol=1e-12,
+        c.f, bounds, jac=c.grad if grad else None, lipschitz=L, maxfev=c.budget, tol=1e-12,
         seed=seed, **options,
     )
 
