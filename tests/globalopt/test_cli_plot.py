@@ -102,3 +102,18 @@ def test_plot_run_svg_and_rejects_3d(tmp_path: Path) -> None:
     res3 = minimize(f, [(0, 1)] * 3, maxfev=30)
     with pytest.raises(ValueError, match="2-D"):
         plot_run(f, [(0, 1)] * 3, res3)
+
+
+def test_cli_strategy_is_passed_on_and_checked(
+    funcs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["minimize", f"{funcs}:bowl", "--bounds", "-1,2", "-2,1", "--maxfev", "60", "--json"]
+    for strategy in ("hull", "bound"):
+        args = _parser().parse_args([*base, "--strategy", strategy])
+        assert args.func(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        ref = minimize(load_function(f"{funcs}:bowl"), [(-1, 2), (-2, 1)], maxfev=60,
+                       strategy=strategy)
+        assert out["nit"] == ref.nit and np.allclose(out["x"], ref.x)
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*base, "--strategy", "random"])

@@ -81,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         maxiter=args.maxiter,
         tol=args.tol,
         seed=args.seed,
+        strategy=args.strategy,
     )
     summary = {
         k: (v.tolist() if isinstance(v, np.ndarray) else v)
@@ -131,6 +132,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--maxiter", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-6, help="absolute gap to stop at")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--strategy",
+        choices=("balanced", "hull", "bound"),
+        default="balanced",
+        help="which cells to divide (docs/globalopt.md); default balanced",
+    )
     p.add_argument(
         "--plot",
         type=Path,
