@@ -151,6 +151,9 @@ CASES: dict[str, dict[str, Any]] = {
                                  "strategy": "bound", "maxfev": 250},
     "hartmann3 hull strategy": {"func": hartmann3, "bounds": [(0.0, 1.0)] * 3,
                                 "strategy": "hull", "maxfev": 250},
+    # every live cell ends with its centre in a ball: the compiled search skips the empty hull
+    "linear slope, hull empties": {"func": lambda x: float(3 * x[0] + 2 * x[1] - x[2]),
+                                   "bounds": [(-1, 1)] * 3, "maxfev": 120, "tol": 1e-12},
     "problem02 f_lower": {"func": lambda x: problem02(x) + 2, "bounds": [(2.7, 7.5)],
                           "lipschitz": 13 / 3, "f_lower": 0.0, "rho": 0.5, "maxfev": 200},
     "NaN region, branch steps": {
