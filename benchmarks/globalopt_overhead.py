@@ -40,11 +40,13 @@ def rastrigin(x: np.ndarray) -> float:
     return float(10 * x.size + np.sum(x * x - 10 * np.cos(2 * np.pi * x)))
 
 
-def overhead(bounds: list[tuple[float, float]], n: int) -> tuple[Any, float, float, float]:
+def overhead(
+    bounds: list[tuple[float, float]], n: int, **options: Any
+) -> tuple[Any, float, float, float]:
     # CPU time of this (single-threaded) process: on a shared machine, wall time mostly
     # measures the other jobs.
     t0 = time.process_time()
-    res = minimize(rastrigin, bounds, maxfev=n, polish=False)
+    res = minimize(rastrigin, bounds, maxfev=n, polish=False, **options)
     total = time.process_time() - t0
     t1 = time.process_time()
     for x in res.history_x:
@@ -72,7 +74,11 @@ def main() -> int:
     ap.add_argument("--dims", type=int, nargs="*", default=[2, 6])
     ap.add_argument("--reps", type=int, default=1, help="runs per row; the minimum is kept")
     ap.add_argument("--compile", action="store_true", help="time the first call instead")
+    ap.add_argument("--strategy", default=None,
+                    help="minimize's strategy (default: its default); 'hull' compares with "
+                    "revisions older than the balanced default")
     a = ap.parse_args()
+    options = {} if a.strategy is None else {"strategy": a.strategy}
     if a.compile:
         compile_time()
         return 0
@@ -83,7 +89,7 @@ def main() -> int:
         bounds = [(-5.12, 4.0 + 0.1 * i) for i in range(d)]
         n = 1000
         while n <= a.max:
-            runs = [overhead(bounds, n) for _ in range(a.reps)]
+            runs = [overhead(bounds, n, **options) for _ in range(a.reps)]
             res, total, fobj, over = min(runs, key=lambda r: r[3])
             print(f"| {d} | {res.nfev} | {total:.2f} | {fobj:.2f} | {over:.0f} |", flush=True)
             n *= 10
