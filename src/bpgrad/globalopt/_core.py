@@ -138,10 +138,10 @@ def minimize(
     (:math:`f_b` the best value: BPGrad's :math:`\rho f_b` when ``f_lower=0``, :math:`f_b -
     \mathrm{tol}` without ``f_lower``). The box is kept as cells (a cell's longest side, relative
     to the box, is trisected); a cell's bound :math:`\max_i f_i - L\,\mathrm{far}(x_i,
-    \text{cell})`, far the distance to its farthest corner, is a lower bound of f on it. By
-    default the search alternates DIRECT's potentially optimal cells with as many divisions of
-    the cell of lowest bound (see ``strategy``); the new centres are evaluated only outside every ball, so those samples are tol/L apart
-    and finitely many; a cell whose bound exceeds :math:`\hat f^*` is pruned. With a gradient,
+    \text{cell})`, far the distance to its farthest corner, is a lower bound of f on it. DIRECT's
+    potentially optimal cells and as many cells of lowest bound are divided in turn (``strategy``);
+    new centres are evaluated only outside every ball, so those samples are tol/L apart and
+    finitely many; a cell whose bound exceeds :math:`\hat f^*` is pruned. With a gradient,
     BPGrad's branch step :math:`x_{t+1} = \Pi_X(x_t - r_t g_t/\|g_t\|)` follows a new sample up
     to ``branch_steps`` times; a projected BFGS polish (Armijo backtracking, at most
     ``polish_maxfev`` calls) starts from each new best point.
@@ -185,10 +185,9 @@ def minimize(
         branch: take BPGrad branch steps; default True when ``jac`` is given.
         branch_steps: longest chain of branch steps from one re-sampled point.
         lipschitz_safety: the factor s of the L estimate (>= 1).
-        strategy: ``"balanced"`` divides the cells of one convex hull, then the cell of lowest
-            bound as many times as that hull had cells, and again; ``"hull"`` only the hull
-            cells (DIRECT's potentially optimal ones, local as well as global), ``"bound"``
-            only the cell of lowest bound (best-first, the most global).
+        strategy: ``"balanced"``: one hull of DIRECT's potentially optimal cells, then the cell
+            of lowest bound as often as the hull had cells, and again; ``"hull"``: hulls only;
+            ``"bound"``: the cell of lowest bound only (best-first).
         callback: ``callback(intermediate_result)`` after every iteration, with ``x, fun,
             nfev, njev, nit, lower_bound, lipschitz``; returning ``True`` or raising
             ``StopIteration`` ends the run with status 4. It gets a copy: changing it has no

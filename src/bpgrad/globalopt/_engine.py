@@ -208,7 +208,8 @@ def _hull_cells(st: Any) -> None:
     for q in range(st.hn):
         c = st.hc[q]
         i = st.centre[c]
-        if st.bound[c] != st.hb[q] or st.state[c] != _LEAF or i < 0 or not math.isfinite(st.F[i]):
+        stale = st.bound[c] != st.hb[q]
+        if stale or st.state[c] != _LEAF or i < 0 or not math.isfinite(st.F[i]):
             continue
         j = best[st.depth[c]]
         if j < 0 or (st.value[c], st.key[c], c) < (st.value[j], st.key[j], j):
@@ -441,7 +442,8 @@ class CompiledSearch:
         self.st = _new_state(
             np.ascontiguousarray(lb, dtype=np.float64), np.ascontiguousarray(ub, dtype=np.float64),
             lipschitz is not None, 1.0 if lipschitz is None else lipschitz, rho,
-            math.nan if f_lower is None else f_lower, tol, maxiter, strategy, np.uint64(seed), safety,
+            math.nan if f_lower is None else f_lower, tol, maxiter, strategy, np.uint64(seed),
+            safety,
         )  # fmt: skip
         self._nog = np.zeros(lb.size)
 
