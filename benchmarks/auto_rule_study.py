@@ -47,7 +47,7 @@ from bpgrad import BPGrad
 from bpgrad.bench.optimizers import OptimizerSpec, ResolvedOptimizer, resolve_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite_study import BUDGET, METRIC, run_trials, trial_finals
+from suite_study import BUDGET, METRIC, run_trials, seed_values, trial_finals
 
 
 class RuleBPGrad(BPGrad):
@@ -179,8 +179,7 @@ def report(args: argparse.Namespace) -> None:
             continue
         print(f"\n{problem} ({metric.test})")
         for label, per_seed in sorted(trial_finals(out, problem).items()):
-            vals = [final.get(metric.test, math.nan) if final["status"] == "finished" else math.nan
-                    for _, final in sorted(per_seed.items())]
+            vals = seed_values(per_seed, metric.test)
             lips = [json.loads(trace.read_text())[-1][1]
                     for trace in sorted((out / problem / label).glob("trace_seed_*.json"))]
             lip = f" L_end {statistics.fmean(lips):.3g}" if lips else ""

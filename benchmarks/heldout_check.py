@@ -35,7 +35,6 @@ The problems (defined here, not in ``bpgrad.bench.problems``, so that they stay 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shutil
 import statistics
@@ -234,8 +233,7 @@ def report(args: argparse.Namespace) -> None:
     for cls, _ in PROBLEMS.values():
         for rule in PROTOTYPES:
             per_seed = suite_study.trial_finals(Path(args.out), cls.name).get(f"rule_{rule}", {})
-            vals = [final.get("test_accuracy", math.nan) if final["status"] == "finished"
-                    else math.nan for _, final in sorted(per_seed.items())]
+            vals = suite_study.seed_values(per_seed, "test_accuracy")
             if vals:
                 std = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 print(f"| {cls.name} | rule_{rule} | {statistics.fmean(vals):.4g} ± {std:.2g} "

@@ -120,6 +120,13 @@ def trial_finals(out: Path, problem: str) -> dict[str, dict[int, dict[str, Any]]
     return found
 
 
+def seed_values(per_seed: dict[int, dict[str, Any]], key: str) -> list[float]:
+    """``key`` of each seed's trial in seed order (one entry of ``trial_finals``); NaN for a
+    trial that did not finish or lacks the metric."""
+    return [final.get(key, math.nan) if final["status"] == "finished" else math.nan
+            for _, final in sorted(per_seed.items())]
+
+
 def _value(final: dict[str, Any], key: str, higher: bool) -> float:
     """A metric, with a diverged or missing value as the worst possible one."""
     v = final.get(key)
