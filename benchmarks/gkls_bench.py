@@ -234,7 +234,8 @@ def main() -> int:
     a = ap.parse_args()
     CACHE = a.cache
     if a.quick:
-        a.functions, a.budgets = min(a.functions, 10), [100]
+        # ten functions from the first one asked for (with --first-function 21: 21..30)
+        a.functions, a.budgets = min(a.functions, a.first_function + 9), [100]
     probs = [
         (class_key(diff, d, k), {"difficulty": diff, "d": d, "k": k})
         # function-major order: an interrupted run holds functions 1..k of every class
