@@ -270,6 +270,16 @@ def test_result_attribute_access_and_repr() -> None:
         ({"strategy": "random"}, ValueError, "strategy"),
         ({"lipschitz_safety": 0.5}, ValueError, "lipschitz_safety"),
         ({"f_lower": math.inf}, ValueError, "f_lower"),
+        # not numbers at all: the error names the argument (not float()'s own message)
+        ({"lipschitz": "fast"}, TypeError, "lipschitz must be a finite number > 0, or None"),
+        ({"rho": "0.1"}, TypeError, "rho must be"),
+        ({"tol": None}, TypeError, "tol must be"),
+        ({"f_target": "low"}, TypeError, "f_target must be"),
+        ({"f_lower": [0.0, 1.0]}, TypeError, "f_lower must be"),
+        # sides whose squared distances would underflow or overflow: rescale, says the error
+        ({"bounds": [(0.0, 1e-300), (0.0, 1.0)]}, ValueError, "side.*Rescale"),
+        ({"bounds": [(-1e300, 1e300)]}, ValueError, "side.*Rescale"),
+        ({"bounds": [(-1e308, 1e308)]}, ValueError, "side of inf"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(
@@ -290,3 +300,12 @@ def test_func_returning_array_or_bad_gradient() -> None:
         minimize(lambda x: (1.0, np.ones(3)), [(0, 1)], jac=True)
     r = minimize(lambda x: np.array([float(x[0] ** 2)]), [(-1, 2)], maxfev=50)
     assert abs(r.x[0]) < 1e-4
+
+
+def test_lipschitz_auto_is_the_estimate_and_numbers_may_be_numpy_scalars() -> None:
+    # "auto" is the optimizer's spelling of "estimate L": the same run as None
+    a = minimize(branin, BRANIN_BOUNDS, lipschitz="auto", maxfev=120)
+    b = minimize(branin, BRANIN_BOUNDS, lipschitz=None, maxfev=120)
+    assert a.lipschitz_estimated and np.array_equal(a.history_x, b.history_x)
+    c = minimize(branin, BRANIN_BOUNDS, lipschitz=np.float32(200.0), tol=np.array(1e-3), maxfev=80)
+    assert c.lipschitz == 200.0 and not c.lipschitz_estimated

@@ -13,7 +13,14 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bpgrad.globalopt._bounds import parse_bounds
+from bpgrad.globalopt._checks import (
+    as_value,
+    check_callable,
+    lipschitz_arg,
+    parse_bounds,
+    positive_int,
+    real_arg,
+)
 from bpgrad.globalopt._reference import Event, Strategy
 from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult, Status
 
@@ -70,48 +77,13 @@ class _Stop(Exception):
     """Internal: unwinds the search; ``args[0]`` is the status."""
 
 
-def _as_value(value: Any) -> float:
-    """``func``'s value as a float, or TypeError naming what came back."""
-    if type(value) is float:
-        return value
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    ):
-        return float(value)
-    arr = None
-    if hasattr(value, "detach"):  # a torch tensor (possibly requiring grad)
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
-        arr = np.asarray(value)
-    if arr is not None and arr.dtype.kind in "iuf" and arr.size == 1:
-        return float(arr.reshape(-1)[0])
-    hint = ""
-    if value is None:
-        hint = " (does func end without a return statement?)"
-    elif arr is not None and arr.size != 1:
-        hint = (
-            f" (an array of shape {arr.shape}: return one number; with jac=True return "
-            "(value, gradient))"
-        )
-    text = repr(value)
-    text = text if len(text) <= 80 else text[:77] + "..."
-    raise TypeError(
-        f"func must return a real number, got {text} of type {type(value).__name__}{hint}."
-    )
-
-
-def _check_callable(name: str, obj: Any) -> None:
-    if not callable(obj):
-        raise TypeError(f"{name} must be callable, got {type(obj).__name__}.")
-
-
 def minimize(
     func: Callable[..., Any],
     bounds: Any,
     *,
     args: tuple[Any, ...] = (),
     jac: Callable[..., ArrayLike] | bool | None = None,
-    lipschitz: float | None = None,
+    lipschitz: float | str | None = None,
     rho: float = 0.1,
     f_lower: float | None = None,
     tol: float = 1e-6,
@@ -162,14 +134,16 @@ def minimize(
             string, a complex number, a longer array) raises ``TypeError``. Exceptions from
             ``func`` propagate unchanged.
         bounds: a sequence of ``(low, high)`` pairs or an object with ``lb`` and ``ub``
-            (``scipy.optimize.Bounds``). Finite, ``low < high``.
+            (``scipy.optimize.Bounds``). Finite, ``low < high``, each side between 1e-100 and
+            1e100 long (rescale the variables otherwise).
         args: extra positional arguments for ``func`` and ``jac``.
         jac: gradient callable ``jac(x, *args)`` (counted in ``njev``), ``True`` when ``func``
             returns the gradient too, or ``None``: then the polish uses forward differences
             (``d`` calls each, counted in ``nfev``, kind ``"fd"``) and the branch is off unless
             ``branch=True`` (then its direction also comes from forward differences).
         lipschitz: a Lipschitz constant L of ``func`` on the box (Euclidean norm); ``None``
-            estimates it from the data (no certificate).
+            (or ``"auto"``, the optimizer's spelling) estimates it from the data (no
+            certificate).
         rho: BPGrad's ratio in [0, 1): only used together with ``f_lower``.
         f_lower: a known lower bound on f (BPGrad assumes 0); with ``rho`` it sets how
             aggressively balls prune (see the pruning level above).
@@ -208,7 +182,7 @@ def minimize(
         recorded and counted but never become the best point and carry no bound information.
     """
     # ---- validation: every argument checked before the first evaluation ----
-    _check_callable("func", func)
+    check_callable("func", func)
     lb, ub = parse_bounds(bounds)
     d = lb.size
     if not isinstance(args, tuple):
@@ -217,36 +191,26 @@ def minimize(
         raise TypeError("jac must be a callable, True (func returns (value, gradient)) or None.")
     if jac is False:
         jac = None
-    if lipschitz is not None:
-        lipschitz = float(lipschitz)
-        if not (math.isfinite(lipschitz) and lipschitz > 0):
-            raise ValueError(
-                f"lipschitz must be a finite positive number, got {lipschitz}; pass None to "
-                "estimate it from the data."
-            )
-    rho = float(rho)
-    if not 0 <= rho < 1:
-        raise ValueError(f"rho must lie in [0, 1), got {rho}.")
-    if f_lower is not None and not math.isfinite(float(f_lower)):
-        raise ValueError(f"f_lower must be a finite number or None, got {f_lower}.")
-    tol = float(tol)
-    if not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite positive number, got {tol}.")
-    maxfev = 1000 * d if maxfev is None else _positive_int("maxfev", maxfev)
-    maxiter = 100 * maxfev if maxiter is None else _positive_int("maxiter", maxiter)
-    if f_target is not None and math.isnan(float(f_target)):
-        raise ValueError("f_target must be a number or None, not NaN.")
+    lipschitz = lipschitz_arg(lipschitz)
+    rho = real_arg("rho", rho, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if f_lower is not None:
+        f_lower = real_arg("f_lower", f_lower, math.isfinite, "a finite number or None")
+    tol = real_arg("tol", tol, lambda v: 0 < v < math.inf, "a finite number > 0")
+    maxfev = 1000 * d if maxfev is None else positive_int("maxfev", maxfev)
+    maxiter = 100 * maxfev if maxiter is None else positive_int("maxiter", maxiter)
+    if f_target is not None:
+        f_target = real_arg("f_target", f_target, lambda v: not math.isnan(v), "a number or None")
     polish_maxfev = (
-        50 * (d + 1) if polish_maxfev is None else _positive_int("polish_maxfev", polish_maxfev)
+        50 * (d + 1) if polish_maxfev is None else positive_int("polish_maxfev", polish_maxfev)
     )
-    branch_steps = _positive_int("branch_steps", branch_steps, allow_zero=True)
-    lipschitz_safety = float(lipschitz_safety)
-    if not (math.isfinite(lipschitz_safety) and lipschitz_safety >= 1):
-        raise ValueError(f"lipschitz_safety must be a finite number >= 1, got {lipschitz_safety}.")
+    branch_steps = positive_int("branch_steps", branch_steps, allow_zero=True)
+    lipschitz_safety = real_arg(
+        "lipschitz_safety", lipschitz_safety, lambda v: 1 <= v < math.inf, "a finite number >= 1"
+    )
     if strategy not in ("balanced", "hull", "bound"):
         raise ValueError(f"strategy must be 'balanced', 'hull' or 'bound', got {strategy!r}.")
     if callback is not None:
-        _check_callable("callback", callback)
+        check_callable("callback", callback)
     if seed is None:
         seed = 0
     elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
@@ -254,26 +218,17 @@ def minimize(
     else:  # a Generator, BitGenerator or SeedSequence: one integer is drawn from it
         seed = int(np.random.default_rng(seed).integers(2**63))
     search = search_factory()(
-        lb, ub, lipschitz=lipschitz, rho=rho, f_lower=None if f_lower is None else float(f_lower),
+        lb, ub, lipschitz=lipschitz, rho=rho, f_lower=f_lower,
         tol=tol, maxiter=maxiter, strategy=int(Strategy[strategy.upper()]), seed=seed,
         safety=lipschitz_safety,
     )  # fmt: skip
     run = _Run(
         search, func=func, args=args, jac=jac, lb=lb, ub=ub, known_L=lipschitz, maxfev=maxfev,
-        f_target=None if f_target is None else float(f_target), do_polish=bool(polish),
+        f_target=f_target, do_polish=bool(polish),
         polish_maxfev=polish_maxfev, callback=callback, branch_steps=branch_steps,
         do_branch=(jac is not None) if branch is None else bool(branch),
     )  # fmt: skip
     return run.solve()
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        need = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {need} integer, got {value}.")
-    return int(value)
 
 
 @dataclass
@@ -347,10 +302,10 @@ class _Run:
             out = self.func(x.copy(), *self.args)
             if not isinstance(out, (tuple, list)) or len(out) != 2:
                 raise ValueError("with jac=True, func must return a pair (value, gradient).")
-            f = _as_value(out[0])
+            f = as_value(out[0])
             g = self._as_grad(out[1])
         else:
-            f = _as_value(self.func(x.copy(), *self.args))
+            f = as_value(self.func(x.copy(), *self.args))
             if want_grad and callable(self.jac) and math.isfinite(f):
                 self.njev += 1
                 g = self._as_grad(self.jac(x.copy(), *self.args))

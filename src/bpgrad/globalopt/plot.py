@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from bpgrad.globalopt._bounds import parse_bounds
+from bpgrad.globalopt._checks import parse_bounds
 from bpgrad.globalopt._result import OptimizeResult
 
 __all__ = ["plot_run"]
