@@ -117,3 +117,46 @@ def test_cli_strategy_is_passed_on_and_checked(
         assert out["nit"] == ref.nit and np.allclose(out["x"], ref.x)
     with pytest.raises(SystemExit):
         _parser().parse_args([*base, "--strategy", "random"])
+
+
+FAILING = """
+def broken(x):
+    raise ZeroDivisionError("inside the user's function")
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--bounds", "5,1"], "strictly below"),  # checked by minimize, before any call
+        (["--bounds", "0,1", "--maxfev", "0"], "maxfev must be a positive integer"),
+        (["--bounds", "0,1", "--tol", "-1"], "tol must be"),
+        (["--bounds", "0,1e-300"], "Rescale"),
+        (["--bounds", "0,1*x"], "whole number D"),
+        (["--bounds", "0,1*0"], "whole number D"),
+        (["--bounds", "a,b"], "two numbers"),
+    ],
+)
+def test_cli_bad_options_exit_2_with_a_message_not_a_traceback(
+    funcs: Path, capsys: pytest.CaptureFixture[str], options: list[str], said: str
+) -> None:
+    args = _parser().parse_args(["minimize", f"{funcs}:bowl", *options])
+    assert args.func(args) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_cli_lipschitz_auto_and_errors_from_the_function_propagate(
+    funcs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["minimize", f"{funcs}:bowl", "--bounds", "-1,2", "--maxfev", "40", "--json"]
+    args = _parser().parse_args([*base, "--lipschitz", "auto"])
+    assert args.lipschitz is None and args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["lipschitz_estimated"] is True
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*base, "--lipschitz", "fast"])
+    # an error raised by the user's function is theirs to read: not turned into exit status 2
+    broken = tmp_path / "broken.py"
+    broken.write_text(FAILING)
+    args = _parser().parse_args(["minimize", f"{broken}:broken", "--bounds", "0,1"])
+    with pytest.raises(ZeroDivisionError, match="user's function"):
+        args.func(args)

@@ -52,16 +52,32 @@ def parse_bounds_text(texts: list[str]) -> list[tuple[float, float]]:
     """
     out: list[tuple[float, float]] = []
     items = [t for text in texts for t in text.replace(";", " ").split()]
-    for t in items:
-        rep = 1
+    for item in items:
+        t, rep = item, 1
         if "*" in t:
             t, _, r = t.partition("*")
+            if not r.isdigit() or int(r) < 1:
+                raise ValueError(f"in {item!r}, LOW,HIGH*D needs a whole number D >= 1.")
             rep = int(r)
         parts = t.replace(":", ",").split(",")
-        if len(parts) != 2:
-            raise ValueError(f"each bound is LOW,HIGH; got {t!r}.")
-        out += [(float(parts[0]), float(parts[1]))] * rep
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            pair = (float(parts[0]), float(parts[1]))
+        except ValueError:
+            raise ValueError(f"each bound is LOW,HIGH (two numbers); got {item!r}.") from None
+        out += [pair] * rep
     return out
+
+
+def _lipschitz_text(text: str) -> float | None:
+    """``--lipschitz``: a number, or ``auto`` (estimate it, as when the option is left out)."""
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -73,16 +89,23 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, ImportError, AttributeError) as exc:
         print(f"bpgrad minimize: {exc}", file=sys.stderr)
         return 2
-    res = minimize(
-        func,
-        bounds,
-        lipschitz=args.lipschitz,
-        maxfev=args.maxfev,
-        maxiter=args.maxiter,
-        tol=args.tol,
-        seed=args.seed,
-        strategy=args.strategy,
-    )
+    called = False
+
+    def counted(x: Any) -> Any:
+        nonlocal called
+        called = True
+        return func(x)
+
+    try:
+        res = minimize(
+            counted, bounds, lipschitz=args.lipschitz, maxfev=args.maxfev, maxiter=args.maxiter,
+            tol=args.tol, seed=args.seed, strategy=args.strategy,
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        if called:  # from the function or its value: the traceback helps its author
+            raise
+        print(f"bpgrad minimize: {exc}", file=sys.stderr)  # the options: checked before any call
+        return 2
     summary = {
         k: (v.tolist() if isinstance(v, np.ndarray) else v)
         for k, v in res.items()
@@ -124,9 +147,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--lipschitz",
-        type=float,
+        type=_lipschitz_text,
         default=None,
-        help="a Lipschitz constant of f (gives a certified lower bound)",
+        help="a Lipschitz constant of f (gives a certified lower bound); 'auto' or left out: "
+        "estimated from the samples",
     )
     p.add_argument("--maxfev", type=int, default=None, help="evaluation budget (default 1000 d)")
     p.add_argument("--maxiter", type=int, default=None)
