@@ -16,6 +16,7 @@ Usage::
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bbob_bench.py --dims 2 3 5 \
         --budget 100 --instances 5 --jobs 2                                # resumable
+    .venv/bin/python benchmarks/bbob_bench.py --first-instance 6 --instances 15 ...  # 71-80 only
     .venv/bin/python benchmarks/bbob_bench.py --no-run --dims 2 3 5 --budget 100 --instances 5 \
         --report runs/bbob/tables.md --plot docs/img/bbob_ecdf.png
     .venv/bin/python benchmarks/bbob_bench.py --quick     # d = 2, 3 instances, 20 d evaluations
@@ -212,6 +213,8 @@ def main() -> int:
     ap.add_argument("--functions", nargs="*", type=int, default=list(range(1, 25)))
     ap.add_argument("--instances", type=int, default=15,
                     help="the first N of the suite's 15 standard instances")
+    ap.add_argument("--first-instance", type=int, default=1,
+                    help="start at the K-th of them (6: the instances 71-80 alone)")
     ap.add_argument("--budget", type=int, default=1000, help="budget as a multiple of d")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0],
                     help="seeds of stochastic solvers (each instance is another problem)")
@@ -225,10 +228,10 @@ def main() -> int:
     a = ap.parse_args()
     CACHE = a.cache
     if a.quick:
-        a.dims, a.instances, a.budget = [2], min(a.instances, 3), 20
+        a.dims, a.instances, a.budget = [2], min(a.instances, a.first_instance + 2), 20
     probs = [  # instance-major order: an interrupted run holds whole instances
         (key(f, i, d), {"f": f, "i": i, "d": d})
-        for i in range(1, a.instances + 1) for d in a.dims for f in a.functions
+        for i in range(a.first_instance, a.instances + 1) for d in a.dims for f in a.functions
     ]
     if not a.no_run:
         for _, spec in probs:  # f_opt in this process (cocoex writes a file in the cwd)
