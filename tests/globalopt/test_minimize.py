@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pytest
 
-from bpgrad.globalopt import STATUS_MESSAGES, OptimizeResult, minimize
+from bpgrad.globalopt import STATUS_MESSAGES, OptimizeResult, Status, minimize
 
 
 def branin(x: np.ndarray) -> float:
@@ -309,3 +311,26 @@ def test_lipschitz_auto_is_the_estimate_and_numbers_may_be_numpy_scalars() -> No
     assert a.lipschitz_estimated and np.array_equal(a.history_x, b.history_x)
     c = minimize(branin, BRANIN_BOUNDS, lipschitz=np.float32(200.0), tol=np.array(1e-3), maxfev=80)
     assert c.lipschitz == 200.0 and not c.lipschitz_estimated
+
+
+def test_gradients_and_values_of_other_real_types() -> None:
+    # jac forgetting its return: a TypeError that says so, not "the gradient has 1 entries"
+    with pytest.raises(TypeError, match="return statement"):
+        minimize(branin, BRANIN_BOUNDS, jac=lambda x: None, maxfev=20)
+    with pytest.raises(TypeError, match="gradient must be 2 real numbers"):
+        minimize(branin, BRANIN_BOUNDS, jac=lambda x: "up", maxfev=20)
+    # Fraction and Decimal are real numbers; an int beyond float64 is +inf (counted, never best)
+    r = minimize(lambda x: Fraction(int(x[0] > 5), 3), BRANIN_BOUNDS, maxfev=30)
+    assert r.fun == 0.0 and r.x[0] <= 5
+    r = minimize(lambda x: Decimal(float(x[0]) ** 2), [(-1, 2)], maxfev=40)
+    assert abs(r.x[0]) < 1e-3
+    r = minimize(lambda x: 10**400 if x[0] > 0 else -(10**400), [(-1, 2)], maxfev=20)
+    assert r.nonfinite == 20 and r.status == Status.NONFINITE
+
+
+def test_seed_and_bounds_in_other_forms() -> None:
+    with pytest.raises(TypeError, match="seed must be None, an int"):
+        minimize(branin, BRANIN_BOUNDS, seed=1.5)
+    a = minimize(branin, (pair for pair in BRANIN_BOUNDS), maxfev=40)  # a generator of pairs
+    b = minimize(branin, BRANIN_BOUNDS, maxfev=40)
+    assert np.array_equal(a.history_x, b.history_x)

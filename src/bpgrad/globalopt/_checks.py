@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "as_value", "check_callable", "lipschitz_arg", "parse_bounds", "positive_int", "real_arg",
+    "as_gradient", "as_value", "check_callable", "lipschitz_arg", "parse_bounds", "positive_int", "real_arg", "seed_arg",
 ]  # fmt: skip
 
 # Shortest and longest side accepted: the search squares distances down to 1e-13 of a side
@@ -51,6 +53,8 @@ def parse_bounds(bounds: Any) -> tuple[NDArray[np.float64], NDArray[np.float64]]
                     "lower and one upper bound per coordinate."
                 )
     else:
+        if hasattr(bounds, "__iter__") and not hasattr(bounds, "__len__"):
+            bounds = list(bounds)  # a generator of pairs
         if isinstance(bounds, (str, bytes)):
             raise TypeError("bounds must be a sequence of (low, high) pairs or a Bounds object.")
         try:
@@ -120,10 +124,13 @@ def as_value(value: Any) -> float:
     """``func``'s value as a float, or TypeError naming what came back."""
     if type(value) is float:
         return value
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
+    if isinstance(value, (numbers.Real, decimal.Decimal, np.integer, np.floating)) and not (
+        isinstance(value, (bool, np.bool_))
     ):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float64: the value a float overflows to
+            return math.inf if cast(int, value) > 0 else -math.inf
     arr = None
     if hasattr(value, "detach"):  # a torch tensor (possibly requiring grad)
         value = value.detach().cpu().numpy()
@@ -144,6 +151,47 @@ def as_value(value: Any) -> float:
     raise TypeError(
         f"func must return a real number, got {text} of type {type(value).__name__}{hint}."
     )
+
+
+def as_gradient(value: Any, d: int) -> NDArray[np.float64]:
+    """A gradient from ``jac`` as a float array of d entries, or an error naming what came
+    back."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    try:
+        if value is None:
+            raise TypeError
+        g = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        text = repr(value)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        hint = " (does it end without a return statement?)" if value is None else ""
+        raise TypeError(
+            f"the gradient must be {d} real numbers, got {text} of type "
+            f"{type(value).__name__}{hint}."
+        ) from None
+    if g.size != d:
+        raise ValueError(
+            f"the gradient has {g.size} entries but x has {d}: jac must return one partial "
+            "derivative per coordinate."
+        )
+    return g
+
+
+def seed_arg(seed: Any) -> int:
+    """``seed`` as the search's 64-bit integer: ``None`` is 0; an int is taken modulo 2**64; a
+    NumPy ``Generator``, ``BitGenerator`` or ``SeedSequence`` gives one drawn integer."""
+    if seed is None:
+        return 0
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        return int(seed) & (2**64 - 1)
+    try:
+        return int(np.random.default_rng(seed).integers(2**63))
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"seed must be None, an int, or a numpy Generator, BitGenerator or SeedSequence, "
+            f"got {seed!r} of type {type(seed).__name__}."
+        ) from None
 
 
 def check_callable(name: str, obj: Any) -> None:

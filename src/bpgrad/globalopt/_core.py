@@ -14,12 +14,14 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bpgrad.globalopt._checks import (
+    as_gradient,
     as_value,
     check_callable,
     lipschitz_arg,
     parse_bounds,
     positive_int,
     real_arg,
+    seed_arg,
 )
 from bpgrad.globalopt._reference import Event, Strategy
 from bpgrad.globalopt._result import STATUS_MESSAGES, SUCCESS_STATUSES, OptimizeResult, Status
@@ -211,12 +213,7 @@ def minimize(
         raise ValueError(f"strategy must be 'balanced', 'hull' or 'bound', got {strategy!r}.")
     if callback is not None:
         check_callable("callback", callback)
-    if seed is None:
-        seed = 0
-    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        seed = int(seed) & (2**64 - 1)
-    else:  # a Generator, BitGenerator or SeedSequence: one integer is drawn from it
-        seed = int(np.random.default_rng(seed).integers(2**63))
+    seed = seed_arg(seed)
     search = search_factory()(
         lb, ub, lipschitz=lipschitz, rho=rho, f_lower=f_lower,
         tol=tol, maxiter=maxiter, strategy=int(Strategy[strategy.upper()]), seed=seed,
@@ -312,13 +309,7 @@ class _Run:
         return f, g
 
     def _as_grad(self, gv: Any) -> FloatArray:
-        g = np.asarray(gv, dtype=np.float64).reshape(-1)
-        if g.size != self.d:
-            raise ValueError(
-                f"the gradient has {g.size} entries but x has {self.d}: jac must return one "
-                "partial derivative per coordinate."
-            )
-        return g
+        return as_gradient(gv, self.d)
 
     def gradient(self, i: int) -> FloatArray | None:
         """Gradient at sample i: stored, from ``jac``, or by forward differences (counted)."""
