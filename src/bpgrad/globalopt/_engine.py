@@ -36,6 +36,7 @@ from bpgrad.globalopt._state import (
     _prune_level,
     _set_row,
     add,
+    hot,
     in_ball,
     jit,
 )
@@ -48,6 +49,18 @@ _BOUND, _BALANCED = int(Strategy.BOUND), int(Strategy.BALANCED)
 
 
 # ---- cells ----
+@hot
+def _entry(st: Any, q: int) -> tuple[float, float, int]:
+    """Heap entry q as its sort key (bound, key, cell)."""
+    return st.hb[q], st.hk[q], st.hc[q]
+
+
+@hot
+def _hull_order(st: Any, c: int) -> tuple[float, float, int]:
+    """Cell c's place in the hull's (size, value, cell) order."""
+    return st.size[c], st.value[c], c
+
+
 @jit
 def _push(st: Any, c: int) -> None:
     if st.hn == st.hb.shape[0]:
@@ -59,7 +72,7 @@ def _push(st: Any, c: int) -> None:
     st.hn += 1
     while q > 0:
         p = (q - 1) >> 1
-        if (v, k, c) < (st.hb[p], st.hk[p], st.hc[p]):
+        if (v, k, c) < _entry(st, p):
             st.hb[q], st.hk[q], st.hc[q] = st.hb[p], st.hk[p], st.hc[p]
             q = p
         else:
@@ -77,9 +90,9 @@ def _pop(st: Any) -> None:
         a = 2 * q + 1
         if a >= n:
             break
-        if a + 1 < n and (st.hb[a + 1], st.hk[a + 1], st.hc[a + 1]) < (st.hb[a], st.hk[a], st.hc[a]):
+        if a + 1 < n and _entry(st, a + 1) < _entry(st, a):
             a += 1
-        if (st.hb[a], st.hk[a], st.hc[a]) < (v, k, c):
+        if _entry(st, a) < (v, k, c):
             st.hb[q], st.hk[q], st.hc[q] = st.hb[a], st.hk[a], st.hc[a]
             q = a
         else:
@@ -220,7 +233,7 @@ def _hull_cells(st: Any) -> None:
         if j < 0:
             continue
         q = m  # insertion into (size, value, cell) order
-        while q > 0 and (st.size[j], st.value[j], j) < (st.size[pts[q - 1]], st.value[pts[q - 1]], pts[q - 1]):
+        while q > 0 and _hull_order(st, j) < _hull_order(st, pts[q - 1]):
             pts[q] = pts[q - 1]
             q -= 1
         pts[q] = j
