@@ -172,6 +172,40 @@ def summarize(recs: list[dict[str, Any]], dims: list[int], budget_mult: int) -> 
     return "\n".join(lines)
 
 
+def paired(recs: list[dict[str, Any]], dims: list[int], budget_mult: int, base: str,
+           resamples: int = 10_000) -> str:
+    """Area of ``base`` minus each other solver's, paired over the (function, instance) problems
+    both ran: the mean difference and a 95 % bootstrap interval (percentile, fixed seed). The
+    ECDF area is the mean over problems of each problem's area, so the mean difference is the
+    difference of the table's areas."""
+    recs = common_problems(pick(recs, budget_mult))
+    solvers = [s for s in common.SOLVERS if s != base and any(r["solver"] == s for r in recs)]
+    lines = [f"Paired area difference, {base} minus each solver (95 % bootstrap interval over "
+             f"problems, {resamples} resamples):", "",
+             "| solver | " + " | ".join(f"d={d}" for d in dims) + " |",
+             "|---|" + "---|" * len(dims)]
+    rng = np.random.default_rng(0)
+
+    def area_by_key(solver: str, d: int) -> dict[str, float]:
+        return {r["key"]: common.ecdf_area(per_dim_hits([r], budget_mult), budget_mult)
+                for r in recs if r["solver"] == solver and r["dim"] == d}
+
+    for s in solvers:
+        cells = []
+        for d in dims:
+            mine, theirs = area_by_key(base, d), area_by_key(s, d)
+            keys = sorted(mine.keys() & theirs.keys())
+            if not keys:
+                cells.append("-")
+                continue
+            diff = np.array([mine[k] - theirs[k] for k in keys])
+            boot = diff[rng.integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            cells.append(f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(recs: list[dict[str, Any]], dims: list[int], budget_mult: int, path: Path) -> None:
     import matplotlib
 
@@ -225,6 +259,8 @@ def main() -> int:
     ap.add_argument("--no-run", action="store_true", help="only summarise the cache")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--paired", metavar="SOLVER",
+                    help="add paired bootstrap intervals of SOLVER's area minus each other's")
     a = ap.parse_args()
     CACHE = a.cache
     if a.quick:
@@ -251,7 +287,10 @@ def main() -> int:
         common.run_tasks(tasks, CACHE, worker, a.jobs, log)
     keys = {k for k, _ in probs}
     recs = [r for r in common.load_cache(CACHE) if r["key"] in keys and r["solver"] in a.solvers]
-    text = summarize(recs, a.dims, a.budget) + f"\n\n(table written at commit {common.git_commit()})\n"
+    text = summarize(recs, a.dims, a.budget)
+    if a.paired:
+        text += "\n\n" + paired(recs, a.dims, a.budget, a.paired)
+    text += f"\n\n(table written at commit {common.git_commit()})\n"
     print(text)
     if a.report:
         a.report.parent.mkdir(parents=True, exist_ok=True)

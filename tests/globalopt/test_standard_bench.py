@@ -163,3 +163,21 @@ def test_gkls_classes_are_the_published_eight() -> None:
     assert gkls_bench.CLASSES[("hard", 2)] == (0.90, 0.10)
     assert gkls_bench.CLASSES[("simple", 5)] == (0.66, 0.30)
     assert gkls_bench.parse_key(gkls_bench.class_key("hard", 4, 17)) == ("hard", 4, 17)
+
+
+def test_bbob_paired_difference_is_the_difference_of_areas() -> None:
+    # two problems; bpgrad solves every target of the first at 2 evaluations/d, direct none;
+    # both solve the second's first 26 targets at the same evaluation
+    recs = []
+    for solver, first in (("bpgrad", [(4, -1.0)]), ("scipy direct", [])):
+        recs.append(_rec(solver, first, 20, key="f01", f=1, instance=1))
+        recs.append(_rec(solver, [(6, -1.0 + 9e-4)], 20, key="f02", f=2, instance=1))
+    text = bbob_bench.paired(recs, [2], 10, "bpgrad", resamples=200)
+    area = {s: float(bbob_bench.summarize([r for r in recs if r["solver"] == s], [2], 10)
+                     .split(f"| {s} | ")[1].split(" |")[0].strip("*")) for s in ("bpgrad",
+                                                                                  "scipy direct")}
+    row = next(line for line in text.splitlines() if line.startswith("| scipy direct |"))
+    mean = float(row.split("| ")[2].split(" [")[0])
+    assert abs(mean - (area["bpgrad"] - area["scipy direct"])) < 2e-3  # rounding of the tables
+    lo, hi = (float(v) for v in row.split("[")[1].split("]")[0].split(", "))
+    assert 0 <= lo <= mean <= hi  # either problem favours bpgrad or ties: never below 0
