@@ -143,8 +143,9 @@ def run_bpgrad(
 ) -> None:
     """``bpgrad.minimize`` at its defaults; ``options`` (e.g. ``strategy``) only for studies.
 
-    ``maxfev`` is the budget, as a user would pass it, so the default ``maxiter`` (100·maxfev)
-    bounds the work between evaluations as it does for them; the wrapper still counts a
+    ``maxfev`` is the budget, as a user would pass it, so the default ``maxiter`` (10·maxfev
+    with an estimated L, 100·maxfev with a known one) bounds the work between evaluations as it
+    does for them; the wrapper still counts a
     gradient as d evaluations and stops the run at the budget."""
     from bpgrad.globalopt import minimize
 

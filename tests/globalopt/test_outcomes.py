@@ -257,3 +257,26 @@ def test_default_strategy_finds_a_narrow_well_away_from_a_broad_bowl() -> None:
         res = minimize(f, [(-1.0, 1.0)] * 3, maxfev=1500, tol=1e-12)
         found += res.fun < -0.5
     assert found >= 16
+
+
+def test_default_maxiter_is_10_maxfev_estimated_and_100_maxfev_with_a_true_l() -> None:
+    # A linear slope, BBOB f5's shape: the corner optimum is found early, then every live cell's
+    # centre lies in a pruning ball and cells are divided without evaluation until maxiter.
+    s = np.array([1.0, -10 ** (1 / 3), 10 ** (2 / 3), -10.0])
+
+    def slope(x: np.ndarray) -> float:
+        return float(np.sum(5 * np.abs(s) - s * x))
+
+    res = minimize(slope, [(-5.0, 5.0)] * 4, maxfev=1000)
+    assert res.fun == 0.0 and res.nfev < 1000
+    assert res.status == Status.MAXITER and res.nit == 10 * 1000  # was 100·maxfev: 10x the work
+    assert minimize(slope, [(-5.0, 5.0)] * 4, maxfev=1000, maxiter=500).nit == 500
+    # with a true L those divisions close the gap: more than 10·maxfev of them, then a certificate
+    t = np.array([1.0, -3.0, 10.0])
+
+    def plane(x: np.ndarray) -> float:
+        return float(np.sum(5 * np.abs(t) - t * x))
+
+    res = minimize(plane, [(-5.0, 5.0)] * 3, maxfev=100, tol=1e-3,
+                   lipschitz=float(np.linalg.norm(t)))
+    assert res.status == Status.GAP and res.certified and res.nit > 10 * 100
