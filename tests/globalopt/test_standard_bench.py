@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCH))
 import bbob_bench  # noqa: E402
 import bbob_gkls_common as common  # noqa: E402
 import gkls_bench  # noqa: E402
+import iteration_survey  # noqa: E402
 
 OPTIONAL = ("cocoex", "gkls", "globe", "cma", "nlopt", "dlib")
 
@@ -27,7 +28,8 @@ OPTIONAL = ("cocoex", "gkls", "globe", "cma", "nlopt", "dlib")
 def test_importing_the_benchmarks_pulls_no_optional_package() -> None:
     # the scripts must import (and their tests run in CI) without the globalopt-bench extra
     code = (
-        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import bbob_bench, gkls_bench; "
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); "
+        "import bbob_bench, gkls_bench, iteration_survey; "
         f"print([m for m in {OPTIONAL!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -181,3 +183,20 @@ def test_bbob_paired_difference_is_the_difference_of_areas() -> None:
     assert abs(mean - (area["bpgrad"] - area["scipy direct"])) < 2e-3  # rounding of the tables
     lo, hi = (float(v) for v in row.split("[")[1].split("]")[0].split(", "))
     assert 0 <= lo <= mean <= hi  # either problem favours bpgrad or ties: never below 0
+
+
+def test_iteration_survey_counts_the_runs_each_cap_would_cut_by_kind_of_l() -> None:
+    def row(key: str, nit: int) -> dict[str, object]:
+        return {"suite": "x", "key": key, "budget": 100, "nit": nit, "nfev": 100, "status": 2,
+                "wall_s": 0.0}
+
+    text = iteration_survey.report(
+        [row("f05", 1500), row("g1", 40), row("g2", 60), row("S:box0:known", 700)])
+    estimated, known = (line for line in text.splitlines() if line.startswith("| 0.") or
+                        line.startswith("| 7."))
+    # estimated L: ratios 15, 0.4, 0.6 -> caps 1..10 cut one run, 20 and 50 none
+    assert estimated.endswith("| 1 | 1 | 1 | 1 | 0 | 0 |")
+    # known L (the key's suffix): ratio 7 -> caps 1, 2, 5 cut it, 10 and above do not
+    assert known.endswith("| 1 | 1 | 1 | 0 | 0 | 0 |")
+    listed = [line for line in text.splitlines() if line.startswith("| x |")]
+    assert [line.split(" | ")[1] for line in listed] == ["f05", "S:box0:known"]  # >= 5·maxfev
