@@ -13,7 +13,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "as_gradient", "as_value", "check_callable", "lipschitz_arg", "parse_bounds", "positive_int", "real_arg", "seed_arg",
+    "as_gradient", "as_value", "check_callable", "lipschitz_arg", "parse_bounds", "positive_int",
+    "real_arg", "seed_arg",
 ]  # fmt: skip
 
 # Shortest and longest side accepted: the search squares distances down to 1e-13 of a side
@@ -26,7 +27,8 @@ def parse_bounds(bounds: Any) -> tuple[NDArray[np.float64], NDArray[np.float64]]
     """Return ``(lb, ub)`` as float arrays from a sequence of pairs or a ``Bounds``-like object.
 
     A ``Bounds``-like object is anything with ``lb`` and ``ub`` attributes (duck typing, so scipy
-    is not required). Every bound must be finite and ``lb < ub`` in every coordinate.
+    is not required); a generator of pairs is read once. Every bound must be finite, ``lb < ub``
+    in every coordinate, and each side ``ub - lb`` between ``MIN_SIDE`` and ``MAX_SIDE``.
 
     Raises:
         TypeError: if ``bounds`` is neither pairs nor has ``lb``/``ub``.
@@ -120,6 +122,12 @@ def lipschitz_arg(value: Any) -> float | None:
     )  # fmt: skip
 
 
+def _short_repr(value: Any) -> str:
+    """repr(value), cut to 80 characters: error messages name the value, not a whole array."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def as_value(value: Any) -> float:
     """``func``'s value as a float, or TypeError naming what came back."""
     if type(value) is float:
@@ -146,10 +154,9 @@ def as_value(value: Any) -> float:
             f" (an array of shape {arr.shape}: return one number; with jac=True return "
             "(value, gradient))"
         )
-    text = repr(value)
-    text = text if len(text) <= 80 else text[:77] + "..."
     raise TypeError(
-        f"func must return a real number, got {text} of type {type(value).__name__}{hint}."
+        f"func must return a real number, got {_short_repr(value)} of type "
+        f"{type(value).__name__}{hint}."
     )
 
 
@@ -163,11 +170,9 @@ def as_gradient(value: Any, d: int) -> NDArray[np.float64]:
             raise TypeError
         g = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        text = repr(value)
-        text = text if len(text) <= 80 else text[:77] + "..."
         hint = " (does it end without a return statement?)" if value is None else ""
         raise TypeError(
-            f"the gradient must be {d} real numbers, got {text} of type "
+            f"the gradient must be {d} real numbers, got {_short_repr(value)} of type "
             f"{type(value).__name__}{hint}."
         ) from None
     if g.size != d:
