@@ -155,8 +155,8 @@ def minimize(
             its polish, or one re-evaluated cell centre each). Cells whose centres lie in
             pruning balls are divided without an evaluation; that work closes the gap of a
             certificate, so the default is ``100 maxfev`` with a ``lipschitz`` and ``10 maxfev``
-            without one (no certificate to build: in 2.4k runs of BBOB, GKLS and the 26-function
-            suite every estimated-L run but BBOB's linear slope made under ``1.2 maxfev``).
+            without one (no certificate to build: of 2.4k estimated-L runs on BBOB, GKLS and
+            the 26-function suite, all but BBOB's linear slope made < ``1.2 maxfev`` iterations).
         f_target: stop as soon as a value ``<= f_target`` is seen.
         polish: run the local polish from each new best point.
         polish_maxfev: evaluations per polish run (default ``50 (d + 1)``).
