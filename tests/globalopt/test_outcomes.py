@@ -4,7 +4,6 @@ compiled search deciding like the readable reference, and the defects of issue 1
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -196,10 +195,9 @@ def test_a_callback_that_returns_nothing_changes_nothing(name: str) -> None:
 def test_elongated_box_with_true_lipschitz_returns_within_budget() -> None:
     # Cells were trisected along the 0.001 side as often as along the 1000 side; those cuts
     # made cells whose centres share one pruning ball, without end (60 s, 153 evaluations).
+    # The work is bounded by counts, not timed: the hang made 450 000 iterations.
     f = Counter(lambda x: float(x[0] + x[1]))
-    t0 = time.perf_counter()
     res = minimize(f, [(0.0, 1000.0), (0.0, 0.001)], lipschitz=math.sqrt(2), maxfev=400)
-    assert time.perf_counter() - t0 < 20
     assert res.nfev == f.n <= 400 and res.nit <= 4000
     assert res.status == Status.GAP and res.certified and res.fun <= 1e-6
 
