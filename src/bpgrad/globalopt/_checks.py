@@ -128,6 +128,11 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _untensor(value: Any) -> Any:
+    """A torch tensor (possibly requiring grad) as a NumPy array; anything else unchanged."""
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+
+
 def as_value(value: Any) -> float:
     """``func``'s value as a float, or TypeError naming what came back."""
     if type(value) is float:
@@ -140,8 +145,7 @@ def as_value(value: Any) -> float:
         except OverflowError:  # an int beyond float64: the value a float overflows to
             return math.inf if cast(int, value) > 0 else -math.inf
     arr = None
-    if hasattr(value, "detach"):  # a torch tensor (possibly requiring grad)
-        value = value.detach().cpu().numpy()
+    value = _untensor(value)
     if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
         arr = np.asarray(value)
     if arr is not None and arr.dtype.kind in "iuf" and arr.size == 1:
@@ -163,8 +167,7 @@ def as_value(value: Any) -> float:
 def as_gradient(value: Any, d: int) -> NDArray[np.float64]:
     """A gradient from ``jac`` as a float array of d entries, or an error naming what came
     back."""
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+    value = _untensor(value)
     try:
         if value is None:
             raise TypeError

@@ -305,16 +305,13 @@ class _Run:
             if not isinstance(out, (tuple, list)) or len(out) != 2:
                 raise ValueError("with jac=True, func must return a pair (value, gradient).")
             f = as_value(out[0])
-            g = self._as_grad(out[1])
+            g = as_gradient(out[1], self.d)
         else:
             f = as_value(self.func(x.copy(), *self.args))
             if want_grad and callable(self.jac) and math.isfinite(f):
                 self.njev += 1
-                g = self._as_grad(self.jac(x.copy(), *self.args))
+                g = as_gradient(self.jac(x.copy(), *self.args), self.d)
         return f, g
-
-    def _as_grad(self, gv: Any) -> FloatArray:
-        return as_gradient(gv, self.d)
 
     def gradient(self, i: int) -> FloatArray | None:
         """Gradient at sample i: stored, from ``jac``, or by forward differences (counted)."""
@@ -325,7 +322,7 @@ class _Run:
         x = self.X[i]
         if callable(self.jac):
             self.njev += 1
-            gv = self._as_grad(self.jac(x.copy(), *self.args))
+            gv = as_gradient(self.jac(x.copy(), *self.args), self.d)
             if not np.all(np.isfinite(gv)):
                 return None
             self.G[i] = gv
