@@ -190,10 +190,11 @@ def paired(recs: list[dict[str, Any]], dims: list[int], budget_mult: int, base: 
         return {r["key"]: common.ecdf_area(per_dim_hits([r], budget_mult), budget_mult)
                 for r in recs if r["solver"] == solver and r["dim"] == d}
 
+    mine_by_dim = {d: area_by_key(base, d) for d in dims}  # the base's areas, once per d
     for s in solvers:
         cells = []
         for d in dims:
-            mine, theirs = area_by_key(base, d), area_by_key(s, d)
+            mine, theirs = mine_by_dim[d], area_by_key(s, d)
             keys = sorted(mine.keys() & theirs.keys())
             if not keys:
                 cells.append("-")
